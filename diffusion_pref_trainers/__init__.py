@@ -1,0 +1,16 @@
+"""diffusion_pref_trainers: TRL-style trainers that align text-to-image diffusion models with preferences."""
+
+from diffusion_pref_trainers.configs import DiffusionDPOConfig, DiffusionTrainingConfig
+from diffusion_pref_trainers.state import TrainerCallback, TrainerState
+from diffusion_pref_trainers.trainers import DiffusionDPOTrainer, DiffusionPreferenceTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiffusionDPOConfig",
+    "DiffusionDPOTrainer",
+    "DiffusionPreferenceTrainer",
+    "DiffusionTrainingConfig",
+    "TrainerCallback",
+    "TrainerState",
+]

@@ -1,0 +1,64 @@
+"""Checkpoint folders: written atomically, rotated, and found again for resuming."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = "tmp-checkpoint-"
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    """The final folder of the checkpoint at `step`."""
+    return Path(output_dir) / f"{PREFIX}{step}"
+
+
+def temporary_path(output_dir: str | Path, step: int) -> Path:
+    """The folder a checkpoint is written into before it is renamed into place."""
+    return Path(output_dir) / f"{TMP_PREFIX}{step}"
+
+
+def commit(output_dir: str | Path, step: int) -> Path:
+    """Move a fully written temporary checkpoint into place in one rename (no half-written folder)."""
+    final, tmp = checkpoint_path(output_dir, step), temporary_path(output_dir, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(rf"{PREFIX}(\d+)", p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def rotate(output_dir: str | Path, limit: int | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond `limit`; returns the deleted folders."""
+    if limit is None:
+        return []
+    doomed = list_checkpoints(output_dir)[:-limit]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def resolve(output_dir: str | Path, requested: str | bool | None) -> Path | None:
+    """The checkpoint to resume from: an explicit folder, or the newest one for `True`/'latest'."""
+    if requested in (None, False):
+        return None
+    if requested is True or requested == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"No checkpoint-* folder in {output_dir} to resume from.")
+        return found[-1]
+    path = Path(str(requested))
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={requested!r} is not a checkpoint folder.")
+    return path

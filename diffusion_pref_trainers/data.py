@@ -1,0 +1,253 @@
+"""Preference rows in, image tensors out: schema detection, robust decoding, transforms, collation.
+
+Three schemas are recognised from the column names (after an optional column mapping):
+
+- Pick-a-Pic v2: `caption`, `jpg_0`, `jpg_1`, `label_0` (1: image 0 preferred, 0: image 1, 0.5: tie);
+- TRL preference: `prompt`, `chosen`, `rejected`;
+- unpaired (KTO): `prompt`, `image`, `label` (True: desirable).
+
+Random crops and flips are drawn from a generator seeded by (seed, epoch, row), so a resumed run sees
+exactly the pixels the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+logger = logging.getLogger(__name__)
+
+SCHEMAS: dict[str, tuple[str, ...]] = {
+    "pickapic": ("caption", "jpg_0", "jpg_1", "label_0"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "image", "label"),
+}
+PAIRED_SCHEMAS = ("pickapic", "preference")
+
+
+class BadImageError(ValueError):
+    """A row's image cannot be decoded; carries the row index so the user can find it."""
+
+
+def detect_schema(column_names: list[str]) -> str:
+    """The schema whose columns are all present; an error lists what was found and what is accepted."""
+    for schema, required in SCHEMAS.items():
+        if set(required) <= set(column_names):
+            return schema
+    accepted = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in SCHEMAS.items())
+    raise ValueError(
+        f"The dataset's columns {sorted(column_names)} match no known schema. Accepted schemas: {accepted}. "
+        "Rename columns with `column_mapping` (e.g. {'my_prompt': 'prompt'})."
+    )
+
+
+def apply_column_mapping(dataset: Any, column_mapping: Mapping[str, str] | None) -> Any:
+    """Rename the user's columns to the schema's names, naming any mapped column that is missing."""
+    if not column_mapping:
+        return dataset
+    missing = [name for name in column_mapping if name not in (dataset.column_names or [])]
+    if missing:
+        raise ValueError(f"`column_mapping` names columns the dataset lacks: {missing}; it has {dataset.column_names}.")
+    return dataset.rename_columns(dict(column_mapping))
+
+
+def drop_ties(dataset: Any) -> tuple[Any, int | None]:
+    """Remove Pick-a-Pic ties (`label_0 == 0.5`); returns the dataset and the number dropped (None if lazy)."""
+    kept = dataset.filter(lambda label: label != 0.5, input_columns="label_0")
+    if isinstance(dataset, datasets.IterableDataset):
+        return kept, None
+    return kept, len(dataset) - len(kept)
+
+
+def load_image(value: Any) -> Image.Image:
+    """Decode any image cell (PIL image, bytes, `{"bytes", "path"}` dict, path, array) into RGB.
+
+    Transparent images are composited on white; palette, grayscale, CMYK and 16-bit images are
+    converted. Truncated files are an error, not a half-grey image.
+    """
+    if isinstance(value, Mapping):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    elif isinstance(value, np.ndarray):
+        image = Image.fromarray(value)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise TypeError(f"cannot read an image from a {type(value).__name__}")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the short side to `resolution`, crop a square, optionally flip; pixels to [-1, 1]."""
+
+    resolution: int
+    center_crop: bool = True
+
+    def __call__(self, image: Image.Image, rng: random.Random, flip: bool) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Returns the tensor, the original (height, width) and the crop's (top, left), as SDXL needs."""
+        original = [image.height, image.width]
+        scale = self.resolution / min(image.width, image.height)
+        size = (
+            max(self.resolution, round(image.width * scale)),
+            max(self.resolution, round(image.height * scale)),
+        )
+        image = image.resize(size, Image.BILINEAR)
+        if self.center_crop:
+            top, left = (image.height - self.resolution) // 2, (image.width - self.resolution) // 2
+        else:
+            top, left = (
+                rng.randint(0, image.height - self.resolution),
+                rng.randint(0, image.width - self.resolution),
+            )
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original, [top, left]
+
+
+def row_images(row: Mapping[str, Any], schema: str) -> tuple[str, list[Any], dict[str, Any]]:
+    """The prompt, the images (winner first for paired schemas) and extra fields of one row."""
+    if schema == "pickapic":
+        images = [row["jpg_0"], row["jpg_1"]]
+        if row["label_0"] == 0:
+            images.reverse()
+        return row["caption"], images, {}
+    if schema == "preference":
+        return row["prompt"], [row["chosen"], row["rejected"]], {}
+    return row["prompt"], [row["image"]], {"label": bool(row["label"])}
+
+
+def row_seed(seed: int, epoch: int, index: int) -> int:
+    """A stable per-row seed (independent of Python's hash randomisation and of worker processes)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class RowProcessor:
+    """Turns one schema row into model inputs; shared by the map-style and streaming datasets."""
+
+    schema: str
+    transform: ImageTransform
+    random_flip: bool = False
+    proportion_empty_prompts: float = 0.0
+    swap: bool = False
+
+    def __call__(self, row: Mapping[str, Any], seed: int) -> dict[str, Any]:
+        rng = random.Random(seed)
+        prompt, images, extra = row_images(row, self.schema)
+        if self.swap:
+            images.reverse()
+        flip = self.random_flip and rng.random() < 0.5
+        if not isinstance(prompt, str):
+            prompt = "" if prompt is None else str(prompt)
+        if self.proportion_empty_prompts and rng.random() < self.proportion_empty_prompts:
+            prompt = ""
+        tensors, sizes, crops = zip(*(self.transform(load_image(image), rng, flip) for image in images), strict=True)
+        return {
+            "prompt": prompt,
+            "pixel_values": torch.stack(tensors),
+            "original_sizes": torch.tensor(sizes),
+            "crop_top_lefts": torch.tensor(crops),
+            **extra,
+        }
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Map-style view of a `datasets.Dataset`; unreadable rows are replaced by the next readable one."""
+
+    def __init__(self, dataset: datasets.Dataset, processor: RowProcessor, seed: int, skip_bad_images: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("The dataset is empty (after dropping ties, if any): nothing to train on.")
+        self.dataset, self.processor, self.seed, self.skip_bad_images = (
+            dataset,
+            processor,
+            seed,
+            skip_bad_images,
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for offset in range(len(self.dataset)):
+            row_index = (index + offset) % len(self.dataset)
+            try:
+                item = self.processor(self.dataset[row_index], row_seed(self.seed, self.epoch, row_index))
+            except (OSError, ValueError, TypeError, SyntaxError) as error:
+                if not self.skip_bad_images:
+                    raise BadImageError(f"Row {row_index}: cannot read its image ({error}).") from error
+                logger.warning("Skipping row %d: cannot read its image (%s).", row_index, error)
+                continue
+            item["bad_rows"] = offset
+            return item
+        raise BadImageError("No row of the dataset has readable images.")
+
+
+class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
+    """Iterable view of a streaming `datasets.IterableDataset`; unreadable rows are skipped and counted."""
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        processor: RowProcessor,
+        seed: int,
+        skip_bad_images: bool = True,
+    ):
+        self.dataset, self.processor, self.seed, self.skip_bad_images = (
+            dataset,
+            processor,
+            seed,
+            skip_bad_images,
+        )
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.set_epoch(self.epoch)
+        skipped = 0
+        for row_index, row in enumerate(self.dataset):
+            try:
+                item = self.processor(row, row_seed(self.seed, self.epoch, row_index))
+            except (OSError, ValueError, TypeError, SyntaxError) as error:
+                if not self.skip_bad_images:
+                    raise BadImageError(f"Streamed row {row_index}: cannot read its image ({error}).") from error
+                skipped += 1
+                continue
+            item["bad_rows"], skipped = skipped, 0
+            yield item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack rows: `pixel_values` becomes [M, K, 3, H, W] with K images per row (2 for pairs)."""
+    batch: dict[str, Any] = {"prompt": [item["prompt"] for item in items]}
+    for key in ("pixel_values", "original_sizes", "crop_top_lefts"):
+        batch[key] = torch.stack([item[key] for item in items])
+    if "label" in items[0]:
+        batch["label"] = torch.tensor([item["label"] for item in items])
+    batch["bad_rows"] = torch.tensor(sum(item["bad_rows"] for item in items))
+    return batch

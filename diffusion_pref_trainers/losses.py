@@ -1,0 +1,154 @@
+"""Preference objectives as pure functions of per-sample denoising errors.
+
+Every function takes the per-sample mean squared errors of `docs/methods.md` (shape `[M]`): the policy's
+`model_*` (with gradient) and the frozen reference's `ref_*` (without), and returns a scalar loss.
+Nothing here knows about models, schedulers or batches, so each objective can be checked against a
+hand computation. Metrics come from the same tensors (`reward_metrics`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffusion_pref_trainers.configs import DPO_LOSS_TYPES
+
+
+def implicit_rewards(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor:
+    """Implicit reward `s = -(m - r)`: how much better than the reference the policy denoises a sample."""
+    return ref_err - model_err
+
+
+def preference_loss(
+    logits: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Element-wise pairwise loss on reward differences `logits` (any shape), before averaging.
+
+    `sigmoid`/`robust`: `-(1-eps) log s(beta/2 l) - eps log s(-beta/2 l)`; `hinge`: `relu(1 - beta/2 l)`;
+    `ipo`: `(l - 1/(2 beta))^2`, which pulls the margin to `1/(2 beta)` rather than to infinity.
+    """
+    if loss_type in ("sigmoid", "robust"):
+        scaled = 0.5 * beta * logits
+        return -(1.0 - label_smoothing) * F.logsigmoid(scaled) - label_smoothing * F.logsigmoid(-scaled)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - 0.5 * beta * logits)
+    if loss_type == "ipo":
+        return (logits - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}.")
+
+
+def dpo_loss(
+    model_w: torch.Tensor,
+    model_l: torch.Tensor,
+    ref_w: torch.Tensor,
+    ref_l: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Diffusion-DPO: mean over pairs of the preference loss on `s_w - s_l` (Wallace et al., 2023)."""
+    logits = implicit_rewards(model_w, ref_w) - implicit_rewards(model_l, ref_l)
+    return preference_loss(logits, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing).mean()
+
+
+def rpo_weights(similarity: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Row-wise softmax of `similarity / tau`: how much winner i is contrasted with each loser j."""
+    return torch.softmax(similarity / temperature, dim=-1)
+
+
+def rpo_loss(
+    model_w: torch.Tensor,
+    model_l: torch.Tensor,
+    ref_w: torch.Tensor,
+    ref_l: torch.Tensor,
+    similarity: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Diffusion-RPO: every winner against every loser, each contrast weighted inside the sigmoid.
+
+    `logits[i, j] = s_w[i] - s_l[j]`, `W = softmax_j(similarity[i, j] / temperature)`, and the loss is
+    the mean over all M*M cells of `preference_loss(W * logits)`. With distinct prompts and
+    `temperature -> 0`, W is the identity and the loss is `dpo_loss / M + (M - 1) / M * log 2`.
+    """
+    _check_square(similarity, model_w.shape[0])
+    logits = implicit_rewards(model_w, ref_w)[:, None] - implicit_rewards(model_l, ref_l)[None, :]
+    weighted = rpo_weights(similarity, temperature) * logits
+    return preference_loss(weighted, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing).mean()
+
+
+def kto_loss(
+    model_err: torch.Tensor,
+    ref_err: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    kl: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Diffusion-KTO on per-image errors with a bool `desirable` label per image (Li et al., 2024).
+
+    The reference point is `kl = clamp(mean(r - m), min=0)`, detached; pass `kl` computed over the
+    global batch under data parallelism, else it is taken from this batch.
+    """
+    rewards = implicit_rewards(model_err, ref_err)
+    if kl is None:
+        kl = rewards.mean().clamp(min=0)
+    kl = kl.detach()
+    sign = desirable.to(rewards.dtype) * 2 - 1
+    value = torch.sigmoid(beta * sign * (rewards - kl))
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(rewards.dtype)
+    return (weights * (1 - value)).mean()
+
+
+def mapo_loss(
+    model_w: torch.Tensor,
+    model_l: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    margin_temperature: float = 1000.0,
+    c: float = 0.5,
+) -> torch.Tensor:
+    """MaPO (Hong et al., 2024): winner denoising loss plus a reference-free margin on `f(m) = cm/(e^{cm}-1)`."""
+    margin = _mapo_score(model_w, c) - _mapo_score(model_l, c)
+    return model_w.mean() - beta * F.logsigmoid(margin_temperature * margin).mean()
+
+
+def _mapo_score(err: torch.Tensor, c: float) -> torch.Tensor:
+    """`f(m) = c*m / (exp(c*m) - 1)`, a decreasing log-odds proxy; `f(0) = 1` by continuity."""
+    x = c * err
+    return torch.where(x.abs() < 1e-12, torch.ones_like(x), x / torch.expm1(x))
+
+
+def sft_loss(model_w: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning baseline: the plain denoising loss on the preferred images."""
+    return model_w.mean()
+
+
+def reward_metrics(
+    model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """TRL-named metrics of a batch of pairs, as detached 0-d tensors (no host sync here)."""
+    chosen = implicit_rewards(model_w, ref_w).detach()
+    rejected = implicit_rewards(model_l, ref_l).detach()
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "model_loss/chosen": model_w.detach().mean(),
+        "model_loss/rejected": model_l.detach().mean(),
+        "ref_loss/chosen": ref_w.detach().mean(),
+        "ref_loss/rejected": ref_l.detach().mean(),
+    }
+
+
+def _check_square(similarity: torch.Tensor, size: int) -> None:
+    """RPO needs an M x M similarity matrix matching the M pairs."""
+    if similarity.shape != (size, size):
+        raise ValueError(f"`similarity` must have shape ({size}, {size}), got {tuple(similarity.shape)}.")

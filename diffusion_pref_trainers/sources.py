@@ -1,0 +1,57 @@
+"""Resolve what a user passes as a model or dataset: objects, Hub ids or local paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+
+def load_pipeline(model: Any) -> Any:
+    """A diffusers pipeline object as is, or one loaded from a Hub id / local folder (never remote code)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(model), use_safetensors=True)
+
+
+def _pick_split(loaded: Any, split: str) -> Any:
+    """A split of a `DatasetDict`, with an error naming the splits that exist."""
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in loaded:
+            raise ValueError(f"The dataset has no split {split!r}; its splits are {list(loaded)}.")
+        return loaded[split]
+    return loaded
+
+
+def load_preference_dataset(
+    source: Any, *, split: str = "train", config_name: str | None = None, streaming: bool = False
+) -> Any:
+    """A `datasets.Dataset`/`IterableDataset` as is, or loaded from a Hub id or local path.
+
+    Local forms: a `save_to_disk` folder, a parquet file or a folder of parquet files, and an
+    `imagefolder` folder (images plus a `metadata.jsonl`/`metadata.csv`).
+    """
+    if source is None or isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        return source
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return _pick_split(source, split)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"A dataset must be a datasets.Dataset, a Hub id or a path, not {type(source).__name__}.")
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = _pick_split(datasets.load_from_disk(str(path)), split)
+        return loaded.to_iterable_dataset() if streaming else loaded
+    if path.is_file() and path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split, streaming=streaming)
+    if path.is_dir():
+        parquet = sorted(str(p) for p in path.rglob("*.parquet"))
+        if parquet:
+            return datasets.load_dataset("parquet", data_files={split: parquet}, split=split, streaming=streaming)
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
+    if path.exists():
+        raise ValueError(f"{source} is neither a parquet file nor a dataset folder.")
+    return datasets.load_dataset(str(source), config_name, split=split, streaming=streaming)

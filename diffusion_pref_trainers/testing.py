@@ -1,0 +1,147 @@
+"""An offline kit: tiny pipelines built from configs and small generated preference datasets.
+
+Nothing here downloads anything. The tests, the benchmarks and the default example use it; it is public
+so that users can test their own training scripts the same way.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_TEXT_DIM = 32
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-printable-character table, the alphabet of byte-level BPE tokenizers like CLIP's."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
+    """A working CLIP tokenizer from an in-memory byte-level vocabulary (no merges: one token a byte)."""
+    from transformers import CLIPTokenizer
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_clip_text_encoder(vocab_size: int, seed: int = 0, projection_dim: int | None = None) -> Any:
+    """A 2-layer CLIP text encoder (optionally with projection, as SDXL's second encoder has)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TINY_TEXT_DIM, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=projection_dim or TINY_TEXT_DIM,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )  # fmt: skip
+    model_class = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    return model_class(config).eval()
+
+
+def tiny_vae(seed: int = 0, **overrides: Any) -> Any:
+    """A two-block AutoencoderKL (latents at half the pixel resolution)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return AutoencoderKL(**kwargs).eval()
+
+
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> Any:
+    """A StableDiffusionPipeline of a few hundred thousand parameters that runs in milliseconds on CPU."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_TEXT_DIM, attention_head_dim=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, prediction_type=prediction_type,
+    )  # fmt: skip
+    tokenizer = tiny_clip_tokenizer()
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_clip_text_encoder(len(tokenizer), seed), tokenizer=tokenizer,
+        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def _png(array: np.ndarray) -> bytes:
+    """Encode an HxWx3 uint8 array as PNG bytes (how Pick-a-Pic stores its images)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def preference_images(n: int, size: int = 32, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """`n` (prompt, winner, loser) triples with a learnable rule: winners are warm and smooth, losers cold.
+
+    Both images of a pair share a random layout; only the colouring differs, so the preference is
+    a property of the images, not of the prompt.
+    """
+    rng = np.random.default_rng(seed)
+    words = ["cat", "dog", "tree", "house", "car", "boat", "bird", "flower", "sun", "hill"]
+    grid = np.linspace(0, 1, size, dtype=np.float32)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(words, size=3))
+        angle = rng.uniform(0, 2 * np.pi)
+        field = np.cos(angle) * grid[None, :] + np.sin(angle) * grid[:, None]
+        field = (field - field.min()) / (np.ptp(field) + 1e-6)
+        warm = np.stack([0.6 + 0.4 * field, 0.3 + 0.3 * field, 0.1 * field], -1)
+        cold = np.stack([0.1 * field, 0.3 + 0.3 * field, 0.6 + 0.4 * field], -1)
+        cold = cold + rng.normal(0, 0.15, cold.shape)
+        rows.append((prompt, *(np.clip(x * 255, 0, 255).astype(np.uint8) for x in (warm, cold))))
+    return rows
+
+
+def make_preference_dataset(n: int = 8, size: int = 32, seed: int = 0, schema: str = "preference",
+                            ties: int = 0) -> datasets.Dataset:  # fmt: skip
+    """A generated dataset in the TRL `preference` schema (PIL images) or the `pickapic` schema (PNG bytes).
+
+    In `pickapic` form, odd rows put the winner second (`label_0 == 0`) and `ties` extra rows are ties.
+    """
+    triples = preference_images(n + ties, size, seed)
+    if schema == "preference":
+        return datasets.Dataset.from_dict(
+            {
+                "prompt": [p for p, _, _ in triples[:n]],
+                "chosen": [Image.fromarray(w) for _, w, _ in triples[:n]],
+                "rejected": [Image.fromarray(lose) for _, _, lose in triples[:n]],
+            },
+            features=datasets.Features(
+                {"prompt": datasets.Value("string"), "chosen": datasets.Image(), "rejected": datasets.Image()}
+            ),
+        )
+    if schema == "pickapic":
+        columns: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+        for index, (prompt, win, lose) in enumerate(triples):
+            first_wins = index % 2 == 0
+            columns["caption"].append(prompt)
+            columns["jpg_0"].append(_png(win if first_wins else lose))
+            columns["jpg_1"].append(_png(lose if first_wins else win))
+            columns["label_0"].append(0.5 if index >= n else (1.0 if first_wins else 0.0))
+        return datasets.Dataset.from_dict(columns)
+    raise ValueError(f"schema must be 'preference' or 'pickapic', got {schema!r}")

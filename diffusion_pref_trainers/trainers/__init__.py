@@ -1,0 +1,6 @@
+"""Trainer classes: one shared loop, one small subclass per objective."""
+
+from diffusion_pref_trainers.trainers.base import DiffusionPreferenceTrainer
+from diffusion_pref_trainers.trainers.dpo import DiffusionDPOTrainer
+
+__all__ = ["DiffusionDPOTrainer", "DiffusionPreferenceTrainer"]
