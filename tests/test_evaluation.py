@@ -55,6 +55,9 @@ def test_generation_depends_only_on_prompt_and_seed(pipe) -> None:
         for a, b in zip(row_a, row_b, strict=True):
             assert np.abs(pixels(a) - pixels(b)).max() <= 1  # batching changes float rounding only
     assert np.abs(pixels(batched[0][0]) - pixels(batched[0][1])).max() > 10  # seeds matter
+    many = PipelineSampler(pipe, batch_size=3, **STEPS).sample_many([(p, s) for p in prompts for s in seeds])
+    for a, b in zip(many, [image for row in batched for image in row], strict=True):
+        assert np.array_equal(pixels(a), pixels(b))  # same batches as generate: identical
     again = generate(pipe, prompts, seeds, batch_size=3, **STEPS)
     flat_again, flat_batched = [i for row in again for i in row], [i for row in batched for i in row]
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(flat_again, flat_batched, strict=True))

@@ -20,6 +20,7 @@ from diffusion_pref_trainers.toy.tasks import (
     get_task,
     prompt_split,
     sample_and_score,
+    task_prompts,
 )
 from diffusion_pref_trainers.toy.world import Attributes, render
 
@@ -167,3 +168,38 @@ def test_toy_datasets_train_the_dpo_and_kto_trainers(make_config, tmp_path) -> N
     state = DiffusionKTOTrainer(tiny_sd_pipeline(), args, singles).train()
     losses = [log["loss"] for log in state.log_history if "loss" in log]
     assert state.global_step == 2 and len(losses) == 2 and np.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_prompts_leave_the_rewarded_attribute_open(task: str) -> None:
+    train, held_out = task_prompts(task, 20, 5, seed=3)
+    assert len(set(train)) == 20 and len(set(held_out)) == 5 and not set(train) & set(held_out)
+    assert task_prompts(task, 20, 5, seed=3) == (train, held_out)
+    attribute = TASKS[task].attribute
+    for prompt in train + held_out:
+        named = world.parse_prompt(prompt)
+        assert attribute not in named and len(named) == 5
+
+
+def test_task_prompts_refuse_more_than_the_world_has() -> None:
+    with pytest.raises(ValueError, match="distinct prompts"):
+        task_prompts("warm", 400, 1)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_in_style_is_one_exactly_for_preferred_values(task: str) -> None:
+    spec = TASKS[task]
+    values = world.ATTRIBUTE_VALUES[spec.attribute]
+    base = Attributes("square", "blue", "small", "left", "white", "flat").as_dict()
+    images = [render(Attributes(**{**base, spec.attribute: value})) for value in values]
+    assert spec.in_style(images).tolist() == [float(value in spec.preferred) for value in values]
+
+
+def test_renderer_sampler_draws_what_a_partial_prompt_leaves_open() -> None:
+    sampler = RendererSampler(follow=1.0)
+
+    def colours(prompt: str, n: int) -> set[str]:
+        return {world.detect_attributes(sampler(prompt, seed))["colour"] for seed in range(n)}
+
+    assert len(colours("a large flat circle in the center", 40)) >= 4  # colour unspecified: drawn from six
+    assert colours("a large red flat circle in the center", 5) == {"red"}

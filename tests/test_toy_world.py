@@ -103,8 +103,37 @@ def test_attributes_reject_values_outside_the_world() -> None:
 
 def test_vocabulary_covers_every_caption_token() -> None:
     vocabulary = set(world.vocabulary())
-    tokens = {token for scene in world.all_attributes() for token in caption(scene).replace(",", " ,").split()}
+    prompts = [caption(scene, omit) for scene in world.all_attributes() for omit in ((), ("shape",))]
+    tokens = {token for prompt in prompts for token in prompt.replace(",", " ,").split()}
     assert tokens == vocabulary
+
+
+@pytest.mark.parametrize("omit", [(), ("colour",), ("size", "style"), ("shape", "position"), tuple(ATTRIBUTE_VALUES)])
+def test_partial_prompts_name_exactly_the_attributes_kept(omit: tuple[str, ...]) -> None:
+    scene = Attributes("triangle", "green", "small", "left", "gray", "dotted")
+    prompt = caption(scene, omit)
+    expected = {name: value for name, value in scene.as_dict().items() if name not in omit}
+    assert world.parse_prompt(prompt) == expected
+    if omit:
+        with pytest.raises(ValueError, match="full toy-world caption"):
+            parse_caption(prompt)
+
+
+def test_partial_prompt_examples_and_errors() -> None:
+    scene = Attributes("circle", "red", "large", "center", "white", "striped")
+    assert caption(scene, ("colour", "background")) == "a large striped circle in the center"
+    assert caption(scene, tuple(ATTRIBUTE_VALUES)) == "a shape"
+    with pytest.raises(ValueError, match="cannot omit"):
+        caption(scene, ("texture",))
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        world.parse_prompt("a red circle with a hat")
+
+
+def test_prompt_fidelity_of_a_partial_prompt_counts_only_named_attributes() -> None:
+    scene = Attributes("square", "blue", "large", "right", "black", "flat")
+    image = render(scene)
+    assert prompt_fidelity(image, world.parse_prompt("a large red square")) == pytest.approx(2 / 3)
+    assert prompt_fidelity(image, world.parse_prompt("a shape")) == 1.0
 
 
 def test_prompt_fidelity_is_the_share_of_matching_attributes() -> None:

@@ -26,7 +26,8 @@ from diffusion_pref_trainers.toy.world import (
     Segmentation,
     all_attributes,
     caption,
-    parse_caption,
+    detect_attributes,
+    parse_prompt,
     prompt_fidelity,
     render,
     segment,
@@ -108,6 +109,12 @@ class Task:
     reward: Callable[[Segmentation], float]
     style_text: str
     neutral_text: str
+    attribute: str  # the attribute the reward reads; the task's prompts leave it to the model
+    preferred: tuple[str, ...]  # the values of that attribute the reward favours
+
+    def in_style(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """1.0 where the detected attribute takes a preferred value, else 0.0: the toy style scorer (methods.md)."""
+        return np.array([detect_attributes(image)[self.attribute] in self.preferred for image in images], dtype=float)
 
     def score(self, image: ImageLike) -> float:
         """Reward of one image."""
@@ -127,15 +134,27 @@ TASKS: dict[str, Task] = {
             warm_colour_reward,
             "a shape in a warm colour",
             "a shape in a cold colour",
+            "colour",
+            WARM_COLOURS,
         ),
-        Task("large", "prefers large shapes", large_shape_reward, "a large shape", "a small shape"),
-        Task("striped", "prefers the striped style", striped_style_reward, "a striped shape", "a plain shape"),
+        Task("large", "prefers large shapes", large_shape_reward, "a large shape", "a small shape", "size", ("large",)),
+        Task(
+            "striped",
+            "prefers the striped style",
+            striped_style_reward,
+            "a striped shape",
+            "a plain shape",
+            "style",
+            ("striped",),
+        ),
         Task(
             "centred",
             "prefers centred compositions",
             centred_reward,
             "a shape in the center of the image",
             "a shape near the edge of the image",
+            "position",
+            ("center",),
         ),
     )  # fmt: skip
 }
@@ -160,11 +179,11 @@ class RendererSampler:
     name: str = "toy-renderer"
 
     def __call__(self, prompt: str, seed: int) -> Image.Image:
-        """One sample for ``prompt``: the caption's attributes, some redrawn uniformly, rendered with jitter."""
+        """One sample for ``prompt``: its attributes, some redrawn uniformly (unspecified ones always), with jitter."""
         rng = np.random.default_rng(seed)
-        attrs = parse_caption(prompt).as_dict()
+        attrs = parse_prompt(prompt)
         for name, values in ATTRIBUTE_VALUES.items():
-            if rng.random() >= self.follow:
+            if rng.random() >= self.follow or name not in attrs:
                 attrs[name] = values[rng.integers(len(values))]
         return render(Attributes(**attrs), self.size, rng)
 
@@ -179,10 +198,21 @@ def prompt_split(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[str], l
     return chosen[:n_train], chosen[n_train:]
 
 
+def task_prompts(task: Task | str, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint training and held-out prompts that leave the task's attribute open (so samples differ in it)."""
+    task = get_task(task) if isinstance(task, str) else task
+    captions = sorted({caption(attrs, (task.attribute,)) for attrs in all_attributes()})
+    if n_train + n_eval > len(captions):
+        raise ValueError(f"task {task.name!r} has {len(captions)} distinct prompts; asked for {n_train} + {n_eval}")
+    order = np.random.default_rng(seed).permutation(len(captions))
+    chosen = [captions[index] for index in order[: n_train + n_eval]]
+    return chosen[:n_train], chosen[n_train:]
+
+
 def toy_fidelity(images: Sequence[ImageLike], prompts: Sequence[str]) -> np.ndarray:
-    """Per image, the share of its toy prompt's six attributes that the detectors read back."""
+    """Per image, the share of the attributes its toy prompt names that the detectors read back."""
     return np.array(
-        [prompt_fidelity(image, parse_caption(prompt)) for image, prompt in zip(images, prompts, strict=True)]
+        [prompt_fidelity(image, parse_prompt(prompt)) for image, prompt in zip(images, prompts, strict=True)]
     )
 
 
@@ -199,14 +229,17 @@ class Sample:
 def sample_and_score(
     sampler: Sampler, prompts: Sequence[str], task: Task | str, samples_per_prompt: int = 2, seed: int = 0
 ) -> list[list[Sample]]:
-    """``samples_per_prompt`` samples per prompt, seeds ``seed + i * samples_per_prompt + k``, each with its reward."""
+    """``samples_per_prompt`` samples per prompt, seeds ``seed + i * samples_per_prompt + k``, each with its reward.
+
+    A sampler with a ``sample_many(jobs)`` method (such as a pipeline sampler) gets all (prompt, seed) jobs at once.
+    """
     task = get_task(task) if isinstance(task, str) else task
-    groups = []
-    for i, prompt in enumerate(prompts):
-        seeds = [seed + i * samples_per_prompt + k for k in range(samples_per_prompt)]
-        images = [sampler(prompt, s) for s in seeds]
-        groups.append([Sample(prompt, s, image, task.score(image)) for s, image in zip(seeds, images, strict=True)])
-    return groups
+    jobs = [(prompt, seed + i * samples_per_prompt + k) for i, prompt in enumerate(prompts)
+            for k in range(samples_per_prompt)]  # fmt: skip
+    many = getattr(sampler, "sample_many", None)
+    images = many(jobs) if many is not None else [sampler(prompt, s) for prompt, s in jobs]
+    samples = [Sample(prompt, s, image, task.score(image)) for (prompt, s), image in zip(jobs, images, strict=True)]
+    return [samples[i : i + samples_per_prompt] for i in range(0, len(samples), samples_per_prompt)]
 
 
 def _png(image: Image.Image) -> bytes:

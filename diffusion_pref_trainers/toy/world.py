@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,7 +62,20 @@ POSITION_PHRASE = {
     "bottom": "at the bottom",
 }
 _PHRASE_POSITION = {phrase: position for position, phrase in POSITION_PHRASE.items()}
-_CAPTION_RE = re.compile(r"a (\w+) (\w+) (\w+) (\w+) (\w+ \w+ \w+), (\w+) background")
+ANY_SHAPE = "shape"  # the noun of a prompt that leaves the shape open
+
+
+def _choice(values: Sequence[str]) -> str:
+    """A regex group matching exactly one of ``values``."""
+    return "(" + "|".join(re.escape(value) for value in values) + ")"
+
+
+# Every attribute but the shape noun may be left out of a prompt; the order of the words is fixed.
+_PROMPT_RE = re.compile(
+    f"a(?: {_choice(SIZES)})?(?: {_choice(COLOURS)})?(?: {_choice(STYLES)})? {_choice((*SHAPES, ANY_SHAPE))}"
+    f"(?: {_choice(list(POSITION_PHRASE.values()))})?(?:, {_choice(BACKGROUNDS)} background)?"
+)
+_PROMPT_GROUPS = ("size", "colour", "style", "shape", "position", "background")
 
 POSITION_JITTER = 0.015  # max random offset of the centre, fraction of the image side
 SIZE_JITTER = 0.04  # max relative random change of the extent
@@ -121,26 +134,49 @@ def sample_attributes(rng: np.random.Generator) -> Attributes:
     return Attributes(**{name: values[rng.integers(len(values))] for name, values in ATTRIBUTE_VALUES.items()})
 
 
-def caption(attrs: Attributes) -> str:
-    """Deterministic caption, e.g. ``"a large red striped circle on the left, white background"``."""
-    phrase = POSITION_PHRASE[attrs.position]
-    return f"a {attrs.size} {attrs.colour} {attrs.style} {attrs.shape} {phrase}, {attrs.background} background"
+def caption(attrs: Attributes, omit: Collection[str] = ()) -> str:
+    """Deterministic caption, e.g. ``"a large red striped circle on the left, white background"``.
+
+    Attributes named in ``omit`` are left out (an omitted shape reads "shape"): such prompts leave that
+    attribute to the model, as real prompts leave aesthetics open, which is what preference tasks act on.
+    """
+    unknown = set(omit) - set(ATTRIBUTE_VALUES)
+    if unknown:
+        raise ValueError(f"cannot omit {sorted(unknown)}; attributes are {list(ATTRIBUTE_VALUES)}")
+    words = ["a"] + [getattr(attrs, name) for name in ("size", "colour", "style") if name not in omit]
+    words.append(ANY_SHAPE if "shape" in omit else attrs.shape)
+    if "position" not in omit:
+        words.append(POSITION_PHRASE[attrs.position])
+    text = " ".join(words)
+    return text if "background" in omit else f"{text}, {attrs.background} background"
+
+
+def parse_prompt(text: str) -> dict[str, str]:
+    """The attributes a (possibly partial) toy prompt specifies; ValueError on text outside the grammar."""
+    match = _PROMPT_RE.fullmatch(" ".join(text.lower().split()))
+    if match is None:
+        raise ValueError(f"not a toy-world prompt: {text!r}")
+    found = {name: value for name, value in zip(_PROMPT_GROUPS, match.groups(), strict=True) if value is not None}
+    if found.get("shape") == ANY_SHAPE:
+        del found["shape"]
+    if "position" in found:
+        found["position"] = _PHRASE_POSITION[found["position"]]
+    return found
 
 
 def parse_caption(text: str) -> Attributes:
-    """Inverse of :func:`caption` (case and extra whitespace tolerated); ValueError on anything else."""
-    match = _CAPTION_RE.fullmatch(" ".join(text.lower().split()))
-    if match is None or match.group(5) not in _PHRASE_POSITION:
-        raise ValueError(f"not a toy-world caption: {text!r}")
-    size, colour, style, shape, phrase, background = match.groups()
-    position = _PHRASE_POSITION[phrase]
-    return Attributes(shape=shape, colour=colour, size=size, position=position, background=background, style=style)
+    """Inverse of :func:`caption` for a full caption (case and extra whitespace tolerated); ValueError otherwise."""
+    try:
+        return Attributes(**parse_prompt(text))
+    except (TypeError, ValueError):
+        raise ValueError(f"not a full toy-world caption: {text!r}") from None
 
 
 def vocabulary() -> list[str]:
     """Sorted list of every token a caption can contain (words plus ","), to build a small tokenizer."""
     phrase_words = {word for phrase in POSITION_PHRASE.values() for word in phrase.split()}
-    return sorted({",", "a", "background", *SIZES, *COLOURS, *STYLES, *SHAPES, *BACKGROUNDS, *phrase_words})
+    words = {",", "a", "background", ANY_SHAPE, *SIZES, *COLOURS, *STYLES, *SHAPES, *BACKGROUNDS, *phrase_words}
+    return sorted(words)
 
 
 def border_width(size: int) -> int:
@@ -411,10 +447,15 @@ def detect(image: ImageLike) -> Attributes | None:
     return None if UNKNOWN in found.values() else Attributes(**found)
 
 
-def prompt_fidelity(image: ImageLike, attrs: Attributes) -> float:
-    """Share of the six attributes of ``attrs`` that the detectors read back from ``image``."""
+def prompt_fidelity(image: ImageLike, attrs: Attributes | Mapping[str, str]) -> float:
+    """Share of the attributes in ``attrs`` (all six, or those a partial prompt names) read back from ``image``.
+
+    A prompt that names no attribute constrains nothing, so its fidelity is 1.0.
+    """
+    expected = attrs.as_dict() if isinstance(attrs, Attributes) else dict(attrs)
+    if not expected:
+        return 1.0
     found = detect_attributes(image)
-    expected = attrs.as_dict()
     return sum(found[name] == value for name, value in expected.items()) / len(expected)
 
 

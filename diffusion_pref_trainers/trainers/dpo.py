@@ -25,6 +25,10 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
     method = "diffusion-dpo"
     _safeguard_scale: torch.Tensor | None = None
 
+    def swaps_preferences(self) -> bool:
+        """Diffusion-NPO's negative adapter trains on swapped pairs."""
+        return self.args.swap_preferences
+
     def adjust_policy_errors(self, model_err: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """With `safeguard`, scale the losers' gradient by SDPO's lambda (computed on this micro-batch)."""
         if not self.args.safeguard:
