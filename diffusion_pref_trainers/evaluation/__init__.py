@@ -6,6 +6,7 @@ detectors from :mod:`diffusion_pref_trainers.toy`). See docs/evaluation.md.
 
 from diffusion_pref_trainers.evaluation.generation import PipelineSampler, generate
 from diffusion_pref_trainers.evaluation.grid import make_grid, save_comparison_grid, save_grid
+from diffusion_pref_trainers.evaluation.image_reward import ImageReward
 from diffusion_pref_trainers.evaluation.metrics import (
     compare,
     diversity,
@@ -27,6 +28,7 @@ __all__ = [
     "ClipScore",
     "ClipScorer",
     "ClipZeroShotStyleScorer",
+    "ImageReward",
     "LaionAesthetic",
     "PickScore",
     "PipelineSampler",

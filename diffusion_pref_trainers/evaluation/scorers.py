@@ -128,13 +128,14 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` file: a local path or ``<owner>/<repo>/<filename>`` on the Hub.
 
     Pickled checkpoints (``.pth``, ``.pt``, ``.bin``) are refused, local or downloaded: unpickling can run code. The
-    released LAION head is a ``.pth``: the error says how to convert it once, from a copy you trust.
+    released LAION head and ImageReward are pickles: the error says how to convert the file once, from a copy you trust.
     """
     if not path.endswith(".safetensors"):
+        name = os.path.basename(path)
         raise ValueError(
             f"{path} is not a .safetensors file: weights are read as safetensors only (pickled files can run code). "
             'Convert it once with: python -c "import torch; from safetensors.torch import save_file; '
-            "save_file(torch.load('head.pth', weights_only=True), 'head.safetensors')\""
+            f"save_file(torch.load('{name}', weights_only=True), '{os.path.splitext(name)[0]}.safetensors')\""
         )
     if not os.path.exists(path):
         from huggingface_hub import hf_hub_download
