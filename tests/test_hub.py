@@ -375,5 +375,6 @@ def test_the_package_never_enables_remote_code_or_unpickles() -> None:
                 keywords = {keyword.arg: ast.unparse(keyword.value) for keyword in node.keywords}
                 for name in ("trust_remote_code", "custom_pipeline", "allow_pickle"):
                     assert keywords.get(name, "None") in ("False", "None"), (path, node.lineno)
-                if called.endswith((".load_lora_weights", ".from_pretrained")) and "CLIPProcessor" not in called:
+                loads_weights = not called.startswith(("CLIPProcessor", "AutoTokenizer"))  # text/json files only
+                if called.endswith((".load_lora_weights", ".from_pretrained")) and loads_weights:
                     assert keywords.get("use_safetensors") == "True", (path, node.lineno)
