@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,13 @@ from diffusion_pref_trainers import DiffusionDPOTrainer, TrainerCallback, checkp
 from diffusion_pref_trainers.adapters import ADAPTER_FILE
 from diffusion_pref_trainers.state import STATE_FILE
 from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd_pipeline
+from diffusion_pref_trainers.trainers.checkpointing import MODEL_FILE
+
+# A LoRA checkpoint of one process: safetensors and JSON only, nothing that would be unpickled to resume.
+CHECKPOINT_FILES = [
+    ADAPTER_FILE, "optimizer.json", "optimizer.safetensors", "random_states_0.json", "random_states_0.safetensors",
+    "scheduler.json", STATE_FILE,
+]  # fmt: skip
 
 
 class _Interrupted(Exception):
@@ -32,6 +42,12 @@ class _StopAt(TrainerCallback):
 
 def _names(folder: str | Path) -> list[str]:
     return sorted(path.name for path in Path(folder).iterdir() if "checkpoint-" in path.name)
+
+
+def _trained_weights(trainer: DiffusionDPOTrainer) -> dict[str, torch.Tensor]:
+    """The adapter weights with LoRA, else the whole denoiser's, as detached copies."""
+    weights = get_peft_model_state_dict(trainer._unwrapped) if trainer.peft_config else trainer._unwrapped.state_dict()
+    return {key: value.detach().clone() for key, value in weights.items()}
 
 
 def _train_logs(trainer: DiffusionDPOTrainer) -> list[dict]:
@@ -83,14 +99,14 @@ def test_save_steps_write_complete_checkpoints_atomically_and_keep_the_newest(pa
 
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[Watch()])
     written_into = []
-    save_state = trainer.accelerator.save_state
+    write = trainer._write_training_state
 
-    def spy(output_dir, **kwargs):
-        step = int(output_dir.rsplit("-", 1)[1])
-        written_into.append((Path(output_dir).name, checkpoints.checkpoint_path(args.output_dir, step).exists()))
-        return save_state(output_dir, **kwargs)
+    def spy(folder: Path) -> None:
+        step = int(folder.name.rsplit("-", 1)[1])
+        written_into.append((folder.name, checkpoints.checkpoint_path(args.output_dir, step).exists()))
+        write(folder)
 
-    trainer.accelerator.save_state = spy
+    trainer._write_training_state = spy
     trainer.train()
 
     # Every save goes into a temporary folder while the final name does not exist yet...
@@ -105,21 +121,22 @@ def test_save_steps_write_complete_checkpoints_atomically_and_keep_the_newest(pa
     for step in (4, 6):
         folder = checkpoints.checkpoint_path(args.output_dir, step)
         assert (folder / ADAPTER_FILE).is_file()  # LoRA: the adapter only, not the whole UNet
-        assert not any(path.suffix == ".safetensors" and path.name != ADAPTER_FILE for path in folder.iterdir())
+        assert not (folder / MODEL_FILE).exists()
+        assert sorted(path.name for path in folder.iterdir()) == CHECKPOINT_FILES
         assert json.loads((folder / STATE_FILE).read_text())["global_step"] == step
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(pairs, make_config) -> None:
     args = make_config(per_device_train_batch_size=2, max_steps=4, save_steps=2)
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
-    save_state = trainer.accelerator.save_state
+    write = trainer._write_training_state
 
-    def dies_at_step_4(output_dir, **kwargs):
-        save_state(output_dir, **kwargs)
-        if output_dir.endswith("-4"):
+    def dies_at_step_4(folder: Path) -> None:
+        write(folder)
+        if folder.name.endswith("-4"):
             raise OSError("disk full")
 
-    trainer.accelerator.save_state = dies_at_step_4
+    trainer._write_training_state = dies_at_step_4
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     assert _names(args.output_dir) == ["checkpoint-2", "tmp-checkpoint-4"]
@@ -139,8 +156,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(pair
         (8, dict(max_steps=6, save_steps=3, lr_scheduler_type="linear", warmup_steps=2), 3),
         # 3 micro-batches an epoch with 2 per optimizer step: accumulation windows straddle epochs.
         (6, dict(max_steps=4, save_steps=2, gradient_accumulation_steps=2), 2),
+        # Full fine-tuning: the whole denoiser and its optimizer state go through the checkpoint.
+        (8, dict(max_steps=4, save_steps=2, use_lora=False, learning_rate=1e-4), 2),
     ],
-    ids=["schedule", "accumulation"],
+    ids=["schedule", "accumulation", "full"],
 )
 def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, rows, settings, stop) -> None:
     # 40 px images with random crops and flips: a resumed run must restore data order, augmentation, noise,
@@ -154,8 +173,12 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, rows, se
     interrupted = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[_StopAt(stop)])
     with pytest.raises(_Interrupted):
         interrupted.train()
+    at_checkpoint = _trained_weights(interrupted)
+    folder = tmp_path / "b" / f"checkpoint-{stop}"
+    assert {path.suffix for path in folder.iterdir()} == {".safetensors", ".json"}
+    assert (folder / (ADAPTER_FILE if args.use_lora else MODEL_FILE)).is_file()
     resumed = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / f"checkpoint-{stop}"))
+    resumed.train(resume_from_checkpoint=str(folder))
 
     expected, got = _train_logs(straight), _train_logs(resumed)
     steps = list(range(1, args.max_steps + 1))
@@ -165,9 +188,31 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, rows, se
     for want, have in zip(expected, got, strict=True):
         for key in ("loss", "learning_rate", "grad_norm", "rewards/margins", "epoch"):
             assert have[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (have["step"], key)
-    final_straight = get_peft_model_state_dict(straight._unwrapped)
-    final_resumed = get_peft_model_state_dict(resumed._unwrapped)
-    assert final_straight.keys() == final_resumed.keys()
+    final_straight, final_resumed = _trained_weights(straight), _trained_weights(resumed)
+    assert final_straight.keys() == final_resumed.keys() == at_checkpoint.keys()
     for key, value in final_straight.items():
         torch.testing.assert_close(final_resumed[key], value, rtol=0, atol=1e-6)
-    assert any(value.abs().sum() > 0 for key, value in final_straight.items() if "lora_B" in key)
+    assert any(not torch.equal(value, at_checkpoint[key]) for key, value in final_resumed.items())  # it trained on
+
+
+def test_two_processes_write_their_own_random_states_and_resume_exactly(tmp_path) -> None:
+    root = Path(__file__).parents[1]  # the scripts import this checkout's package
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    for mode in ("straight", "resumed"):
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(root / "tests" / "scripts" / "ddp_checkpoint.py"), str(tmp_path), mode,
+        ]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    per_process = ["random_states_1.json", "random_states_1.safetensors"]
+    for rank in (0, 1):
+        straight, resumed = (
+            json.loads((tmp_path / f"{mode}{rank}.json").read_text()) for mode in ("straight", "resumed")
+        )
+        assert straight["world"] == resumed["world"] == 2
+        assert resumed["files"] == straight["files"] == sorted(CHECKPOINT_FILES + per_process)
+        assert len(resumed["losses"]) == len(straight["losses"]) == 4
+        assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-6, abs=1e-9)

@@ -9,7 +9,6 @@ exact resume, evaluation, saving and pushing. It never asks which model family i
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from diffusion_pref_trainers.families import get_family
 from diffusion_pref_trainers.optim import build_optimizer, build_scheduler
 from diffusion_pref_trainers.sources import load_pipeline, load_preference_dataset
 from diffusion_pref_trainers.state import TrainerCallback, TrainerState
+from diffusion_pref_trainers.trainers.checkpointing import CheckpointingMixin
 from diffusion_pref_trainers.trainers.publishing import PublishingMixin, loggable_config
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,9 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 # Rows handled specially, counted per micro-batch and logged as `data/<name>` (running totals): unreadable rows
 # replaced by the next readable one, prompts trained as empty, prompts longer than the CLIP tokenizer's limit.
 DATA_COUNTS = ("skipped_rows", "empty_prompts", "truncated_prompts")
-SCHEDULER_FILE = "scheduler.json"
 
 
-class DiffusionPreferenceTrainer(PublishingMixin):
+class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
     """Base trainer: `train()`, `evaluate()`, `save_model()`, `push_to_hub()` and `state.log_history`."""
 
     config_class: ClassVar[type[DiffusionTrainingConfig]] = DiffusionTrainingConfig
@@ -110,7 +109,6 @@ class DiffusionPreferenceTrainer(PublishingMixin):
         self.train_dataset, self.eval_dataset = self._cached(self.train_dataset), self._cached(self.eval_dataset)
         self.optimizer = build_optimizer(self.args, self.trainable_parameters)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.family.denoiser, self.optimizer)
-        self._register_checkpoint_hooks()
         self.lr_scheduler = None
         self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
         self._hub_repo_id: str | None = None
@@ -218,32 +216,6 @@ class DiffusionPreferenceTrainer(PublishingMixin):
             encoder.add_adapter(config)
             cast_training_params(encoder, dtype=torch.float32)
         return encoders
-
-    def _register_checkpoint_hooks(self) -> None:
-        """Checkpoint contents beyond accelerate's own: the LR schedule as JSON (accelerate would pickle it), and with
-        LoRA only the adapter weights, as safetensors (megabytes, not the whole denoiser)."""
-
-        def save_hook(models: list, weights: list, output_dir: str) -> None:
-            if self.accelerator.is_main_process:
-                Path(output_dir, SCHEDULER_FILE).write_text(json.dumps(self.lr_scheduler.state_dict()))
-                if self.peft_config is not None:
-                    adapters.save_adapter_state(self._unwrapped, str(Path(output_dir, adapters.ADAPTER_FILE)))
-                    for name, encoder in self.text_encoders.items():
-                        adapters.save_adapter_state(encoder, str(Path(output_dir, f"{name}_{adapters.ADAPTER_FILE}")))
-            if self.peft_config is not None:
-                weights.clear()
-
-        def load_hook(models: list, input_dir: str) -> None:
-            self.lr_scheduler.load_state_dict(json.loads(Path(input_dir, SCHEDULER_FILE).read_text()))
-            if self.peft_config is None:
-                return
-            adapters.load_adapter_state(self._unwrapped, str(Path(input_dir, adapters.ADAPTER_FILE)))
-            for name, encoder in self.text_encoders.items():
-                adapters.load_adapter_state(encoder, str(Path(input_dir, f"{name}_{adapters.ADAPTER_FILE}")))
-            models.clear()
-
-        self.accelerator.register_save_state_pre_hook(save_hook)
-        self.accelerator.register_load_state_pre_hook(load_hook)
 
     @property
     def _unwrapped(self) -> torch.nn.Module:
@@ -424,7 +396,7 @@ class DiffusionPreferenceTrainer(PublishingMixin):
         total = self._total_steps()
         self.state.max_steps = total
         if self.lr_scheduler is None:
-            self.lr_scheduler = build_scheduler(args, self.optimizer, total)  # checkpointed by the hooks, as JSON
+            self.lr_scheduler = build_scheduler(args, self.optimizer, total)  # checkpointed as JSON
         resume = checkpoints.resolve(args.output_dir, resume_from_checkpoint or args.resume_from_checkpoint)
         if resume is not None:
             self._load_checkpoint(resume)
@@ -565,29 +537,6 @@ class DiffusionPreferenceTrainer(PublishingMixin):
         self.accelerator.log(logs, step=self.state.global_step)
         for callback in self.callbacks:
             callback.on_log(self, entry)
-
-    # --------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self) -> Path:
-        """Write optimizer, scheduler, adapter and trainer state into a temp folder, then rename it."""
-        step, out = self.state.global_step, self.args.output_dir
-        tmp = checkpoints.temporary_path(out, step)
-        self.accelerator.save_state(str(tmp))
-        final = checkpoints.checkpoint_path(out, step)
-        if self.accelerator.is_main_process:
-            self.state.save(tmp)
-            final = checkpoints.commit(out, step)
-            checkpoints.rotate(out, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
-        for callback in self.callbacks:
-            callback.on_save(self, str(final))
-        return final
-
-    def _load_checkpoint(self, folder: Path) -> None:
-        """Restore weights, optimizer, scheduler and the trainer state written by `_save_checkpoint`."""
-        logger.info("Resuming from %s", folder)
-        self.accelerator.load_state(str(folder))
-        self.state = TrainerState.load(folder)
-        self.state.max_steps = self._total_steps()
 
     # --------------------------------------------------------------------------------- evaluation
     @torch.no_grad()

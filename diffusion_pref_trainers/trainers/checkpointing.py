@@ -1,0 +1,94 @@
+"""Checkpoints of a run for an exact resume, written and read as safetensors and JSON only (nothing is unpickled).
+
+A mixin of `DiffusionPreferenceTrainer`. A checkpoint folder holds the trained weights (the LoRA adapters, or the
+whole denoiser when fully fine-tuned), the optimizer state, the LR schedule, the fp16 loss scale, each process's
+random generators and accelerate's step counter, and `trainer_state.json`. It is written into a temporary folder
+and renamed into place once complete (`checkpoints.commit`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from diffusion_pref_trainers import adapters, checkpoints, train_state
+from diffusion_pref_trainers.state import TrainerState
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER = "optimizer"  # optimizer.safetensors + optimizer.json
+RANDOM_STATES = "random_states_{}"  # per process index, .safetensors + .json
+SCHEDULER_FILE = "scheduler.json"
+SCALER_FILE = "scaler.json"
+MODEL_FILE = "model.safetensors"
+
+
+class CheckpointingMixin:
+    """`_save_checkpoint` and `_load_checkpoint`, called by the training loop."""
+
+    def _save_checkpoint(self) -> Path:
+        """Write the training state into a temporary folder, then rename it into place."""
+        step, out = self.state.global_step, self.args.output_dir
+        tmp = checkpoints.temporary_path(out, step)
+        self._write_training_state(tmp)
+        self.accelerator.wait_for_everyone()  # every process's random states are on disk before the rename
+        final = checkpoints.checkpoint_path(out, step)
+        if self.accelerator.is_main_process:
+            self.state.save(tmp)
+            final = checkpoints.commit(out, step)
+            checkpoints.rotate(out, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        for callback in self.callbacks:
+            callback.on_save(self, str(final))
+        return final
+
+    def _write_training_state(self, folder: Path) -> None:
+        """Each process's random states; weights, optimizer, schedule and loss scale from the main process only."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process and folder.exists():
+            shutil.rmtree(folder)  # left by a save that never finished: none of its files may be committed
+        accelerator.wait_for_everyone()
+        folder.mkdir(parents=True, exist_ok=True)
+        process = {"step": accelerator.step, "rng": train_state.rng_state()}
+        train_state.save(process, folder, RANDOM_STATES.format(accelerator.process_index))
+        if not accelerator.is_main_process:
+            return
+        for name, module in self._checkpointed_modules().items():
+            if self.peft_config is None:
+                save_model(module, str(folder / name))
+            else:
+                adapters.save_adapter_state(module, str(folder / name))
+        train_state.save(self.optimizer.state_dict(), folder, OPTIMIZER)
+        (folder / SCHEDULER_FILE).write_text(json.dumps(self.lr_scheduler.state_dict()))
+        if accelerator.scaler is not None:
+            (folder / SCALER_FILE).write_text(json.dumps(accelerator.scaler.state_dict()))
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        """Restore everything `_save_checkpoint` wrote, on every process."""
+        logger.info("Resuming from %s", folder)
+        for name, module in self._checkpointed_modules().items():
+            if self.peft_config is None:
+                load_model(module, str(folder / name))
+            else:
+                adapters.load_adapter_state(module, str(folder / name))
+        self.optimizer.load_state_dict(train_state.load(folder, OPTIMIZER))
+        self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(json.loads((folder / SCALER_FILE).read_text()))
+        process = train_state.load(folder, RANDOM_STATES.format(self.accelerator.process_index))
+        self.accelerator.step = process["step"]
+        train_state.set_rng_state(process["rng"])
+        self.state = TrainerState.load(folder)
+        self.state.max_steps = self._total_steps()
+
+    def _checkpointed_modules(self) -> dict[str, nn.Module]:
+        """The trained modules by file name: with LoRA only the adapters (megabytes), else the whole denoiser."""
+        if self.peft_config is None:
+            return {MODEL_FILE: self._unwrapped}
+        encoders = {f"{name}_{adapters.ADAPTER_FILE}": encoder for name, encoder in self.text_encoders.items()}
+        return {adapters.ADAPTER_FILE: self._unwrapped, **encoders}
