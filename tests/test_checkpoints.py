@@ -121,7 +121,6 @@ def test_save_steps_write_complete_checkpoints_atomically_and_keep_the_newest(pa
     for step in (4, 6):
         folder = checkpoints.checkpoint_path(args.output_dir, step)
         assert (folder / ADAPTER_FILE).is_file()  # LoRA: the adapter only, not the whole UNet
-        assert not (folder / MODEL_FILE).exists()
         assert sorted(path.name for path in folder.iterdir()) == CHECKPOINT_FILES
         assert json.loads((folder / STATE_FILE).read_text())["global_step"] == step
 
@@ -141,12 +140,15 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(pair
         trainer.train()
     assert _names(args.output_dir) == ["checkpoint-2", "tmp-checkpoint-4"]
     assert checkpoints.resolve(args.output_dir, "latest").name == "checkpoint-2"
+    # A file the unfinished save left (here: a pickle an older version wrote) must not end up in the new checkpoint.
+    (checkpoints.temporary_path(args.output_dir, 4) / "optimizer.bin").write_bytes(b"pickle")
 
     args.resume_from_checkpoint = "latest"
     resumed = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
     resumed.train()
     assert resumed.state.global_step == 4
     assert _names(args.output_dir) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(path.name for path in checkpoints.checkpoint_path(args.output_dir, 4).iterdir()) == CHECKPOINT_FILES
 
 
 @pytest.mark.parametrize(

@@ -140,3 +140,19 @@ def test_restored_generators_draw_the_numbers_that_would_have_come(tmp_path) -> 
     assert draws() != expected  # the generators moved on
     train_state.set_rng_state(train_state.load(tmp_path, "rng"))
     assert draws() == expected
+
+
+def test_the_fp16_loss_scaler_state_is_plain_json() -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    for grad in (float("inf"), 1.0, 1.0):  # an overflow halves the scale; two good steps count towards growth
+        optimizer.zero_grad()
+        scaler.scale((param * grad).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    saved = json.loads(json.dumps(scaler.state_dict(), allow_nan=False))
+    assert saved["scale"] == 512.0 and saved["_growth_tracker"] == 2
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 512.0
