@@ -151,7 +151,7 @@ class DiffusionPreferenceTrainer(PublishingMixin):
             transform=ImageTransform(args.resolution, center_crop=args.center_crop or not train),
             random_flip=args.random_flip and train,
             proportion_empty_prompts=args.proportion_empty_prompts if train else 0.0,
-            swap=getattr(args, "swap_preferences", False),
+            swap=self.swaps_preferences(),
         )
         if isinstance(dataset, datasets.IterableDataset):
             if train and args.shuffle_buffer_size:
@@ -161,6 +161,10 @@ class DiffusionPreferenceTrainer(PublishingMixin):
             )
             return StreamingPreferenceDataset(dataset, processor, args.seed, args.skip_bad_images)
         return PreferenceDataset(dataset, processor, args.seed, args.skip_bad_images)
+
+    def swaps_preferences(self) -> bool:
+        """Whether rows enter with winner and loser exchanged (DPO's `swap_preferences`, for NPO)."""
+        return False
 
     def _adapt_schema(self, dataset: Any, schema: str) -> Any:
         """Check the schema suits the objective (pairs by default); subclasses may convert instead."""
