@@ -28,7 +28,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from diffusion_pref_trainers import adapters, cache, checkpoints, hub
+from diffusion_pref_trainers import adapters, cache, checkpoints, hub, speed
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     PAIRED_SCHEMAS,
@@ -195,6 +195,7 @@ class DiffusionPreferenceTrainer(PublishingMixin):
         denoiser.to(device)
         if self.reference is not None:
             self.reference.to(device)
+        speed.apply_fast_path(self.args, denoiser, self.reference)  # channels_last, torch_compile
         self.text_encoders = self._add_text_encoder_adapters() if self.args.train_text_encoder else {}
         if self.args.init_lora_weights and self.peft_config is not None:
             path = hub.adapter_file(self.args.init_lora_weights, token=self.args.hub_token)
