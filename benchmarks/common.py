@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import multiprocessing
@@ -25,6 +26,17 @@ from diffusion_pref_trainers import TrainerCallback  # noqa: E402
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Variants with other clocks than the SXM part their name would match: no peak is assumed for them.
 OTHER_VARIANTS = ("PCIe", "NVL")
+
+
+def base_parser(doc: str, quick: str, steps: int = 12, out: str = "") -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --quick, --steps, --warmup, --threads and --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--steps", type=int, default=steps, help="Optimizer steps per case, warm-up included.")
+    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
+    parser.add_argument("--out", default=None, help=f"Result JSON; default: benchmarks/results/{out}.")
+    return parser
 
 
 class StepClock(TrainerCallback):

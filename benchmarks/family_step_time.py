@@ -11,13 +11,12 @@ pipelines' default T5 length (256 and 512 tokens) unless `--max-sequence-length`
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import StepClock, run_case, summarize, write_result
+from common import StepClock, base_parser, run_case, summarize, write_result
 
 FAMILIES = {
     "sd": "tiny_sd_pipeline",
@@ -51,14 +50,9 @@ def measure(family: str, pairs: int, steps: int, warmup: int, max_sequence_lengt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="6 steps per family (CI-sized).")
+    parser = base_parser(__doc__, "6 steps per family (CI-sized).", out="family_step_time_*.json")
     parser.add_argument("--pairs", type=int, default=4, help="Pairs per step.")
-    parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per family, warm-up included.")
-    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (SD3/FLUX).")
-    parser.add_argument("--out", default=None, help="Result JSON; default: benchmarks/results/family_step_time_*.json.")
     args = parser.parse_args()
     steps = 6 if args.quick else args.steps
     torch.set_num_threads(args.threads)

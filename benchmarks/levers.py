@@ -15,7 +15,6 @@ median step time, and MFU = achieved / the GPU's dense bf16 peak where `common.P
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from common import (
     StepClock,
+    base_parser,
     memory,
     peak_bf16_flops,
     run_case,
@@ -93,15 +93,10 @@ def add_throughput(rows: list[dict[str, Any]], step_flops: int, peak: float | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Fewer steps, no CPU compile (CI-sized).")
+    parser = base_parser(__doc__, "Fewer steps, no CPU compile or bf16 (CI-sized).", out="levers_<device>.json")
     parser.add_argument("--pairs", type=int, default=4, help="Pairs per step.")
-    parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per case, warm-up included.")
-    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
     parser.add_argument("--resolution", type=int, default=32, help="Image resolution.")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--model", default=None, help="Local diffusers SD pipeline folder; default: the tiny kit.")
-    parser.add_argument("--out", default=None, help="Result JSON; default: benchmarks/results/levers_<device>.json.")
     args = parser.parse_args()
     steps = 6 if args.quick else args.steps
     torch.set_num_threads(args.threads)

@@ -17,7 +17,6 @@ twice: the process's peak RSS, and the peak minus the RSS after imports, before 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import StepClock, current_rss_mib, pool, run_case, summarize, write_result
+from common import StepClock, base_parser, current_rss_mib, pool, run_case, summarize, write_result
 from kits import KITS, pipeline
 
 FAST = {"cache_latents": True}
@@ -139,18 +138,11 @@ def measure(kit: str, name: str, pairs: int, steps: int, warmup: int, resolution
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Fewer steps (CI-sized).")
+    parser = base_parser(__doc__, "Fewer steps (CI-sized).", out="step_time_<kit>_<device>[_quick].json")
     parser.add_argument("--kit", choices=sorted(KITS), default="tiny", help="The models (see kits.py).")
     parser.add_argument("--pairs", type=int, default=None, help="Pairs per step; default: 4 (tiny), 2 (sd15_shaped).")
-    parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per case, warm-up included.")
-    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
     parser.add_argument("--resolution", type=int, default=None, help="Image resolution; default: the kit's.")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--repeats", type=int, default=1, help="Runs of every case, round-robin; steps pooled.")
-    parser.add_argument(
-        "--out", default=None, help="Result JSON; default: benchmarks/results/step_time_<kit>_....json."
-    )
     args = parser.parse_args()
     steps = 6 if args.quick else args.steps
     pairs = args.pairs or (4 if args.kit == "tiny" else 2)

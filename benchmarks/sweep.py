@@ -11,13 +11,12 @@ The plot (drawn with PIL) shows ms/step and peak resident memory against pairs p
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import device_description, run_case, write_result
+from common import base_parser, device_description, run_case, write_result
 from levers import measure
 from PIL import Image, ImageDraw, ImageFont
 
@@ -93,14 +92,9 @@ def measure_cell(pairs: int, resolution: int, steps: int, warmup: int) -> dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="A 2x2 grid (1 and 4 pairs, 32 and 64 px), fewer steps.")
+    parser = base_parser(__doc__, "A 2x2 grid (1 and 4 pairs, 32 and 64 px), fewer steps.", 6, "sweep_<device>.json")
     parser.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4, 8], help="Pairs per step to sweep.")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128], help="Resolutions to sweep.")
-    parser.add_argument("--steps", type=int, default=6, help="Optimizer steps per cell, warm-up included.")
-    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
-    parser.add_argument("--out", default=None, help="Result JSON; default: benchmarks/results/sweep_<device>.json.")
     parser.add_argument("--plot", default=None, help="PNG; default: docs/performance_sweep.png (quick: results/).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
