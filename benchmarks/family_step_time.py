@@ -1,7 +1,7 @@
 """Milliseconds per Diffusion-DPO step of each model family's tiny pipeline (the offline kit) on this machine.
 
-    python benchmarks/family_step_time.py [--pairs 4] [--steps 12] [--warmup 2] [--threads 1]
-        [--out benchmarks/results/family_step_time_cpu.json]
+    python benchmarks/family_step_time.py [--quick] [--pairs 4] [--steps 12] [--warmup 2] [--threads 1]
+        [--out benchmarks/results/family_step_time_<cpu|cuda>[_quick].json]
 
 Each family runs in its own subprocess: LoRA on the family's default targets, `pairs` pairs per step at
 32 px, one policy and one reference forward per step (the trainer's own loop, timed by a callback); the
@@ -11,14 +11,12 @@ pipelines' default T5 length (256 and 512 tokens) unless `--max-sequence-length`
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import StepClock, run_case, summarize, write_result
+from common import StepClock, base_parser, run_case, summarize, write_result
 
 FAMILIES = {
     "sd": "tiny_sd_pipeline",
@@ -52,30 +50,21 @@ def measure(family: str, pairs: int, steps: int, warmup: int, max_sequence_lengt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = base_parser(__doc__, "6 steps per family (CI-sized).", out="family_step_time_*.json")
     parser.add_argument("--pairs", type=int, default=4, help="Pairs per step.")
-    parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per family, warm-up included.")
-    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (SD3/FLUX).")
-    parser.add_argument("--family", choices=sorted(FAMILIES), help=argparse.SUPPRESS)  # internal: one per process
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "family_step_time_cpu.json"))
     args = parser.parse_args()
+    steps = 6 if args.quick else args.steps
     torch.set_num_threads(args.threads)
-    if args.family:
-        print(json.dumps(measure(args.family, args.pairs, args.steps, args.warmup, args.max_sequence_length)))
-        return
     rows = []
     for family in FAMILIES:
-        options = ["--family", family, "--pairs", str(args.pairs), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
-        if args.max_sequence_length is not None:
-            options += ["--max-sequence-length", str(args.max_sequence_length)]
-        rows.append(run_case(__file__, options))
+        rows.append(run_case(args.threads, measure, family, args.pairs, steps, args.warmup, args.max_sequence_length))
         print(f"{family:<6}{rows[-1]['ms_per_step']:>10} ms/step  ({rows[-1]['denoiser_params']:,} denoiser params)")
-    settings = {"pairs": args.pairs, "steps": args.steps, "warmup": args.warmup, "resolution": 32,
+    settings = {"pairs": args.pairs, "steps": steps, "warmup": args.warmup, "resolution": 32, "quick": args.quick,
                 "max_sequence_length": args.max_sequence_length, "objective": "DPO, LoRA r8"}  # fmt: skip
-    write_result(args.out, settings, rows, args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = f"family_step_time_{device}{'_quick' * args.quick}.json"
+    write_result(args.out or str(Path(__file__).parent / "results" / name), settings, rows, args.threads)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,17 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"`{name}={value!r}` is not supported; choose one of {', '.join(choices)}.")
 
 
+def _torch_compile_choices(kind: str) -> tuple[str, ...]:
+    """The compile 'modes' or 'backends' the installed torch accepts (they change between releases)."""
+    if kind == "modes":
+        from torch._inductor import list_mode_options
+
+        return tuple(list_mode_options())
+    from torch._dynamo import list_backends
+
+    return tuple(list_backends(exclude_tags=()))
+
+
 @dataclass
 class DiffusionTrainingConfig:
     """Settings every objective shares.
@@ -83,6 +94,30 @@ class DiffusionTrainingConfig:
         "no",
     )
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", False)
+    channels_last: bool = _help(
+        "Store the denoiser's (and a full-fine-tuning reference's) 4-D weights in torch.channels_last memory format. "
+        "Only meaningful for convolutional UNets (SD, SDXL); transformer denoisers (SD3, FLUX) have few or no 2-D "
+        "convolutions, so it changes next to nothing there. See docs/performance.md for when it pays off.",
+        False,
+    )
+    torch_compile: bool = _help(
+        "Compile the denoiser's forward with torch.compile (`Module.compile`, after LoRA is attached; the module, its "
+        "weights and checkpoints are unchanged). The first steps are slower while graphs compile; the reference pass "
+        "(adapters off) and evaluation compile graphs of their own. See docs/performance.md.",
+        False,
+    )
+    torch_compile_mode: str | None = _help(
+        "torch.compile mode, one of torch's own (`torch._inductor.list_mode_options()`: 'default', "
+        "'reduce-overhead', 'max-autotune', ...); None: torch's default. Needs `torch_compile=True` and the "
+        "inductor backend.",
+        None,
+    )
+    torch_compile_backend: str | None = _help(
+        "torch.compile backend, one of `torch._dynamo.list_backends(exclude_tags=())`; None: 'inductor' (generates "
+        "kernels: minutes of compiling on a CPU). 'aot_eager' traces the graphs without generating code: fast to "
+        "compile, for checking that a model compiles. Needs `torch_compile=True`.",
+        None,
+    )
     logging_steps: int = _help("Log averaged metrics every this many optimizer steps.", 10)
     save_steps: int = _help("Write a checkpoint every this many optimizer steps; 0 disables.", 500)
     save_total_limit: int | None = _help("Keep at most this many checkpoints (oldest deleted first).", None)
@@ -328,6 +363,20 @@ class DiffusionTrainingConfig:
             self.max_sequence_length is None or self.max_sequence_length >= 1,
             f"`max_sequence_length` must be None (the pipeline's default) or >= 1, got {self.max_sequence_length}.",
         )
+        for name in ("torch_compile_mode", "torch_compile_backend"):
+            _check(
+                getattr(self, name) is None or self.torch_compile,
+                f"`{name}` chooses how `torch_compile` compiles: set `torch_compile=True` as well.",
+            )
+        if self.torch_compile_backend is not None:
+            _check_choice("torch_compile_backend", self.torch_compile_backend, _torch_compile_choices("backends"))
+        if self.torch_compile_mode is not None:
+            _check_choice("torch_compile_mode", self.torch_compile_mode, _torch_compile_choices("modes"))
+            _check(
+                self.torch_compile_backend in (None, "inductor"),
+                f"`torch_compile_mode` is an inductor setting; backend {self.torch_compile_backend!r} takes none: "
+                "leave `torch_compile_mode=None`, or use torch_compile_backend='inductor'.",
+            )
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
         if self.optim == "adamw_8bit":

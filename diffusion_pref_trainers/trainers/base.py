@@ -27,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from diffusion_pref_trainers import adapters, cache, checkpoints, hub
+from diffusion_pref_trainers import adapters, cache, checkpoints, hub, speed
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     PAIRED_SCHEMAS,
@@ -149,7 +149,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             transform=ImageTransform(args.resolution, center_crop=args.center_crop or not train),
             random_flip=args.random_flip and train,
             proportion_empty_prompts=args.proportion_empty_prompts if train else 0.0,
-            swap=getattr(args, "swap_preferences", False),
+            swap=self.swaps_preferences(),
         )
         if isinstance(dataset, datasets.IterableDataset):
             if train and args.shuffle_buffer_size:
@@ -159,6 +159,10 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             )
             return StreamingPreferenceDataset(dataset, processor, args.seed, args.skip_bad_images)
         return PreferenceDataset(dataset, processor, args.seed, args.skip_bad_images)
+
+    def swaps_preferences(self) -> bool:
+        """Whether rows enter with winner and loser exchanged (DPO's `swap_preferences`, for NPO)."""
+        return False
 
     def _adapt_schema(self, dataset: Any, schema: str) -> Any:
         """Check the schema suits the objective (pairs by default); subclasses may convert instead."""
@@ -189,6 +193,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         denoiser.to(device)
         if self.reference is not None:
             self.reference.to(device)
+        speed.apply_fast_path(self.args, denoiser, self.reference)  # channels_last, torch_compile
         self.text_encoders = self._add_text_encoder_adapters() if self.args.train_text_encoder else {}
         if self.args.init_lora_weights and self.peft_config is not None:
             path = hub.adapter_file(self.args.init_lora_weights, token=self.args.hub_token)

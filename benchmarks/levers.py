@@ -1,0 +1,141 @@
+"""Step time, peak memory and MFU of LoRA Diffusion-DPO with each speed lever toggled from the default.
+
+    python benchmarks/levers.py [--quick] [--pairs 4] [--steps 12] [--warmup 2] [--resolution 32] [--threads 1]
+        [--model PATH] [--out benchmarks/results/levers_<cpu|cuda>.json]
+
+The `default` case is the library's defaults plus `cache_latents=True`; every other case flips one switch
+(`cache_latents` off, `gradient_checkpointing`, `channels_last`, `torch_compile`, 8-bit AdamW, bf16 autocast).
+Each case runs in its own subprocess (its own peak memory): `warmup` optimizer steps are discarded (they
+include torch.compile's compilation, reported separately as `first_step_s`) and the median of the rest is
+reported. The FLOPs of one step are counted once, in the default case, with `FlopCounterMode` (policy forward
+and backward, reference forward); every case did that same useful work, so achieved FLOP/s = step FLOPs /
+median step time, and MFU = achieved / the GPU's dense bf16 peak where `common.PEAK_BF16_FLOPS` knows the GPU.
+`--model` takes a local diffusers Stable Diffusion folder instead of the tiny offline kit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    StepClock,
+    base_parser,
+    memory,
+    peak_bf16_flops,
+    run_case,
+    summarize,
+    training_step_flops,
+    write_result,
+)
+
+DEFAULT: dict[str, Any] = {"cache_latents": True}
+CASES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no_cache_latents": {"cache_latents": False},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "channels_last": {"channels_last": True},
+    "torch_compile": {"torch_compile": True},
+    "adamw_8bit": {"optim": "adamw_8bit"},
+    "bf16": {"mixed_precision": "bf16"},
+}
+
+
+def skip_reason(name: str, quick: bool) -> str | None:
+    """Why a case is not measured on this device (None: it is)."""
+    cuda = torch.cuda.is_available()
+    if name == "adamw_8bit" and not cuda:
+        return "8-bit AdamW is a GPU memory lever (bitsandbytes' CUDA kernels): not measured on CPU"
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16"
+    if name == "torch_compile" and quick and not cuda:
+        return "inductor compiles C++ kernels for minutes on a CPU: measured without --quick only"
+    if name == "bf16" and quick and not cuda:
+        return "bf16 autocast is emulated on CPUs without bf16 units (5.7x slower here): measured without --quick only"
+    return None
+
+
+def measure(
+    name: str, pairs: int, steps: int, warmup: int, resolution: int, model: str | None, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Train `steps` LoRA DPO steps of case `name` in this process and summarise them; the default case also
+    counts its step FLOPs."""
+    from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, testing
+
+    torch.manual_seed(0)
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DiffusionDPOConfig(
+            output_dir=f"{tmp}/out", cache_dir=f"{tmp}/cache", per_device_train_batch_size=pairs, max_steps=steps,
+            resolution=resolution, learning_rate=1e-4, logging_steps=steps, save_steps=0,
+            **{**DEFAULT, **overrides},
+        )  # fmt: skip
+        data = testing.make_preference_dataset(pairs * steps, size=resolution)
+        trainer = DiffusionDPOTrainer(model or testing.tiny_sd_pipeline(), args, data, callbacks=[clock])
+        trainer.train()
+        row = {"case": name, **summarize(clock.seconds(), warmup, pairs), **memory(clock)}
+        row["first_step_s"] = round(clock.seconds()[0], 2)
+        if not overrides:
+            row["step_flops"] = training_step_flops(trainer, pairs)
+    return row
+
+
+def add_throughput(rows: list[dict[str, Any]], step_flops: int, peak: float | None) -> None:
+    """Achieved FLOP/s (the default step's FLOPs over each row's median step) and MFU where the peak is known."""
+    for row in rows:
+        if "ms_per_step" not in row:
+            continue
+        achieved = step_flops / (row["ms_per_step"] / 1000)
+        row["achieved_gflops_per_s"] = round(achieved / 1e9, 2)
+        row["mfu"] = round(achieved / peak, 4) if peak else None
+
+
+def main() -> None:
+    parser = base_parser(__doc__, "Fewer steps, no CPU compile or bf16 (CI-sized).", out="levers_<device>.json")
+    parser.add_argument("--pairs", type=int, default=4, help="Pairs per step.")
+    parser.add_argument("--resolution", type=int, default=32, help="Image resolution.")
+    parser.add_argument("--model", default=None, help="Local diffusers SD pipeline folder; default: the tiny kit.")
+    args = parser.parse_args()
+    steps = 6 if args.quick else args.steps
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in CASES:
+        reason = skip_reason(name, args.quick)
+        rows.append(
+            {"case": name, "skipped": reason}
+            if reason
+            else run_case(
+                args.threads, measure, name, args.pairs, steps, args.warmup, args.resolution, args.model, CASES[name]
+            )
+        )
+        print(f"{name}: {reason or str(rows[-1]['ms_per_step']) + ' ms/step'}", flush=True)
+    default = rows[0]
+    peak, mfu_note = peak_bf16_flops()
+    add_throughput(rows, default["step_flops"], peak)
+    for row in rows:
+        if "ms_per_step" in row:
+            row["time_vs_default"] = round(row["ms_per_step"] / default["ms_per_step"], 3)
+    cuda = "peak_cuda_mib" in default
+    memory_key, memory_name = ("peak_cuda_mib", "peak CUDA MiB") if cuda else ("peak_rss_mib", "peak RSS MiB")
+    print(f"\n{'case':<24}{'ms/step':>10}{'x default':>10}{memory_name:>15}{'1st step s':>12}{'GFLOP/s':>10}{'MFU':>8}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['case']:<24}skipped: {r['skipped']}")
+            continue
+        print(f"{r['case']:<24}{r['ms_per_step']:>10}{r['time_vs_default']:>10}{r[memory_key]:>15}"
+              f"{r['first_step_s']:>12}{r['achieved_gflops_per_s']:>10}{str(r['mfu']):>8}")  # fmt: skip
+    print(f"step FLOPs (default case, FlopCounterMode): {default['step_flops']:.4g}; {mfu_note}")
+    settings = {
+        "pairs": args.pairs, "steps": steps, "warmup": args.warmup, "resolution": args.resolution,
+        "model": args.model or "tiny SD (testing.tiny_sd_pipeline)", "objective": "DPO, LoRA r8", "quick": args.quick,
+        "default_config": DEFAULT, "cases": CASES, "step_flops": default["step_flops"], "mfu_note": mfu_note,
+    }  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out or str(Path(__file__).parent / "results" / f"levers_{device}{'_quick' if args.quick else ''}.json")
+    write_result(out, settings, rows, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The benchmark suite in one command: every objective against the straightforward baseline (on the tiny kit and
+on the SD1.5-shaped kit), every model family's DPO step, and every speed lever; a table per part and one JSON.
+
+    python benchmarks/suite.py --quick    # CI-sized: 6 steps a case, no torch.compile on CPU
+    python benchmarks/suite.py            # 12 steps a case, and levers.py's torch.compile case (minutes on a CPU)
+        [--threads 1] [--out benchmarks/results/suite_<cpu|cuda>[_quick].json]
+
+Each part is one of the scripts next to this one (run alone for more options: pairs, resolution, a real
+checkpoint). The suite runs them one after the other with the same thread count, passes their tables through,
+and gathers their rows into one file with the machine, the versions, each part's settings and its wall time.
+Every case runs in its own process; warm-up steps are discarded and the median of the rest is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import write_result
+
+HERE = Path(__file__).parent
+PARTS = {
+    "objectives_tiny": ["step_time.py", "--kit", "tiny"],
+    "objectives_sd15_shaped": ["step_time.py", "--kit", "sd15_shaped"],
+    "families": ["family_step_time.py"],
+    "levers": ["levers.py"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Every part in its quick mode (CI-sized).")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of every case.")
+    parser.add_argument("--out", default=None, help="Result JSON; default: benchmarks/results/suite_*.json.")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    parts, rows = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (script, *options) in PARTS.items():
+            print(f"\n== {name}: {script} {' '.join(options)}", flush=True)
+            began = time.perf_counter()
+            out = f"{tmp}/{name}.json"
+            command = [sys.executable, str(HERE / script), *options, "--threads", str(args.threads), "--out", out]
+            subprocess.run(command + ["--quick"] * args.quick, check=True)
+            result = json.loads(Path(out).read_text())
+            parts[name] = {"settings": result["settings"], "wall_s": round(time.perf_counter() - began, 1)}
+            rows += [{"part": name, **row} for row in result["rows"]]
+    wall = round(time.perf_counter() - start, 1)
+    times = ", ".join(f"{name} {part['wall_s']} s" for name, part in parts.items())
+    print(f"\nsuite: {wall} s in all ({times})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out or str(HERE / "results" / f"suite_{device}{'_quick' * args.quick}.json")
+    write_result(
+        out, {"quick": args.quick, "threads": args.threads, "wall_s": wall, "parts": parts}, rows, args.threads
+    )
+
+
+if __name__ == "__main__":
+    main()
