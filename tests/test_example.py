@@ -45,7 +45,7 @@ def test_settings_split_into_script_arguments_and_the_method_config() -> None:
 
 def test_dataset_reading_settings_belong_to_the_config_not_the_script() -> None:
     assert [field.name for field in dataclasses.fields(ScriptArguments)] == [
-        "method", "model_name_or_path", "dataset_name", "builtin_pairs"
+        "method", "model_name_or_path", "dataset_name", "builtin_pairs", "toy_task", "toy_prompts"
     ]  # fmt: skip
     settings = {"method": "dpo", "dataset_name": "x/y", "dataset_config": "v2", "dataset_train_split": "fit",
                 "dataset_test_split": "held", "dataset_streaming": True, "max_steps": 5,
@@ -84,7 +84,9 @@ def test_every_shipped_recipe_is_a_valid_config(recipe: Path) -> None:
 
 def test_example_script_trains_on_the_builtin_kit_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--max_steps", "3", "--output_dir", str(out)]
+    recipe = str(ROOT / "examples" / "configs" / "tiny_kit_rpo.yaml")
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--config", recipe, "--max_steps", "3",
+               "--output_dir", str(out)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -93,3 +95,17 @@ def test_example_script_trains_on_the_builtin_kit_and_reports(tmp_path: Path) ->
     assert Path(summary["adapter"]) == out.resolve()
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "README.md").is_file()
     assert set(summary["eval_after"]) >= {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"}
+
+
+def test_the_default_example_aligns_the_toy_pipeline_and_reports_rewards(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--max_steps", "2", "--toy_prompts", "24",
+               "--output_dir", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert summary["method"] == "rpo" and summary["task"] == "large" and summary["steps"] == 2
+    assert all(0.0 <= summary[key] <= 1.0 for key in ("reward/base", "reward/aligned", "win_rate"))
+    assert "held-out reward" in result.stdout and Path(summary["grid"]).is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
