@@ -6,6 +6,7 @@ detectors from :mod:`diffusion_pref_trainers.toy`). See docs/evaluation.md.
 
 from diffusion_pref_trainers.evaluation.generation import PipelineSampler, generate
 from diffusion_pref_trainers.evaluation.grid import make_grid, save_comparison_grid, save_grid
+from diffusion_pref_trainers.evaluation.hps import HPSv2
 from diffusion_pref_trainers.evaluation.image_reward import ImageReward
 from diffusion_pref_trainers.evaluation.metrics import (
     compare,
@@ -28,6 +29,7 @@ __all__ = [
     "ClipScore",
     "ClipScorer",
     "ClipZeroShotStyleScorer",
+    "HPSv2",
     "ImageReward",
     "LaionAesthetic",
     "PickScore",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_pref_trainers.evaluation.scorers import aesthetic_head, load_state_dict
+from diffusion_pref_trainers.evaluation.scorers import aesthetic_head, clip_image_processor, load_state_dict
 
 # The released model's reward normalisation (ImageReward.py: ``(reward - mean) / std``).
 IMAGE_REWARD_MEAN = 0.16717362830052426
@@ -97,16 +97,6 @@ def image_reward_config() -> Any:
     return BlipConfig(text_config=text, vision_config=vision)
 
 
-def _image_processor(size: int) -> Any:
-    """CLIP preprocessing at ``size`` px (bicubic resize of the short side, centre crop, CLIP mean/std), with PIL as
-    the released model's torchvision transform on PIL images."""
-    try:  # transformers 5 names its PIL backend; CLIPImageProcessor may pick torchvision there
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
-        from transformers import CLIPImageProcessor as Processor
-    return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
 class ImageReward:
     """ImageReward: ``(mlp(text_encoder(prompt, cross-attending to vit(image))[CLS]) - mean) / std`` per pair.
 
@@ -138,7 +128,7 @@ class ImageReward:
             model.to(self.device, dtype).eval().requires_grad_(False)
         self.head = aesthetic_head(head).to(self.device)  # the same MLP layout as LAION's aesthetic head
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        self.image_processor = _image_processor(config.vision_config.image_size)
+        self.image_processor = clip_image_processor(config.vision_config.image_size)
         self.mean, self.std = mean, std
 
     @torch.no_grad()

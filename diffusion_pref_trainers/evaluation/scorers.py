@@ -24,6 +24,16 @@ def _features(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def clip_image_processor(size: int) -> Any:
+    """CLIP preprocessing at ``size`` px (bicubic resize of the short side, centre crop, CLIP mean/std), with PIL as
+    torchvision's transforms use on PIL images (the released ImageReward and HPSv2 preprocessing)."""
+    try:  # transformers 5 names its PIL backend; CLIPImageProcessor may pick torchvision there
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 class ClipScorer:
     """A CLIP model and its processor, with L2-normalised image and text embeddings (no gradient)."""
 
@@ -124,18 +134,20 @@ def aesthetic_head(state_dict: dict[str, torch.Tensor]) -> torch.nn.Sequential:
     return head.eval().requires_grad_(False)
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str, pickled_entry: str = "") -> dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` file: a local path or ``<owner>/<repo>/<filename>`` on the Hub.
 
     Pickled checkpoints (``.pth``, ``.pt``, ``.bin``) are refused, local or downloaded: unpickling can run code. The
-    released LAION head and ImageReward are pickles: the error says how to convert the file once, from a copy you trust.
+    released LAION head, ImageReward and HPSv2 are pickles: the error says how to convert the file once, from a copy
+    you trust; ``pickled_entry`` (e.g. ``"['state_dict']"``) is where the pickled object keeps its weights.
     """
     if not path.endswith(".safetensors"):
         name = os.path.basename(path)
         raise ValueError(
             f"{path} is not a .safetensors file: weights are read as safetensors only (pickled files can run code). "
             'Convert it once with: python -c "import torch; from safetensors.torch import save_file; '
-            f"save_file(torch.load('{name}', weights_only=True), '{os.path.splitext(name)[0]}.safetensors')\""
+            f"save_file(torch.load('{name}', weights_only=True){pickled_entry}, "
+            f"'{os.path.splitext(name)[0]}.safetensors')\""
         )
     if not os.path.exists(path):
         from huggingface_hub import hf_hub_download
