@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_pref_trainers import toy
 from diffusion_pref_trainers.evaluation import generate
 from diffusion_pref_trainers.toy import all_attributes, caption, toy_fidelity
 from diffusion_pref_trainers.toy.model import (
@@ -94,7 +95,7 @@ def test_the_shipped_pipeline_is_small_safetensors_only() -> None:
 
 
 def test_the_shipped_pipeline_follows_its_prompts() -> None:
-    pipe = load_toy_pipeline()
+    pipe = toy.load_toy_pipeline()  # the one call the package exports
     prompts = [caption(sample_attributes(np.random.default_rng(50_000 + i))) for i in range(24)]
     images = generate(pipe, prompts, [0], batch_size=24, num_inference_steps=20, guidance_scale=4.0)
     fidelity = float(toy_fidelity([row[0] for row in images], prompts).mean())

@@ -1,5 +1,6 @@
 """The toy world: procedural images with exact captions, detectors and preference rewards (see docs/evaluation.md)."""
 
+from diffusion_pref_trainers.toy.model import load_toy_pipeline
 from diffusion_pref_trainers.toy.tasks import (
     TASKS,
     RendererSampler,
@@ -11,6 +12,7 @@ from diffusion_pref_trainers.toy.tasks import (
     pair_samples,
     prompt_split,
     sample_and_score,
+    task_prompts,
     toy_fidelity,
 )
 from diffusion_pref_trainers.toy.world import (
@@ -45,6 +47,7 @@ __all__ = [
     "detect_attributes",
     "get_task",
     "label_samples",
+    "load_toy_pipeline",
     "pair_samples",
     "parse_caption",
     "parse_prompt",
@@ -55,5 +58,6 @@ __all__ = [
     "sample_attributes",
     "segment",
     "style_probabilities",
+    "task_prompts",
     "toy_fidelity",
 ]
