@@ -1,10 +1,12 @@
 """Step time, peak memory and MFU of LoRA Diffusion-DPO with each speed lever toggled from the default.
 
     python benchmarks/levers.py [--quick] [--pairs 4] [--steps 12] [--warmup 2] [--resolution 32] [--threads 1]
-        [--model PATH] [--out benchmarks/results/levers_<cpu|cuda>.json]
+        [--model PATH] [--cases NAME ...] [--out benchmarks/results/levers_<cpu|cuda>.json]
 
 The `default` case is the library's defaults plus `cache_latents=True`; every other case flips one switch
-(`cache_latents` off, `gradient_checkpointing`, `channels_last`, `torch_compile`, 8-bit AdamW, bf16 autocast).
+(`cache_latents` off, `gradient_checkpointing`, `channels_last`, `torch_compile`, 8-bit AdamW, bf16 autocast);
+`no_cache_latents_workers2` decodes the images in 2 data-loader workers (compare it with `no_cache_latents`, where
+the training process decodes them). `--cases` measures only the named cases (and `default`, the reference).
 Each case runs in its own subprocess (its own peak memory): `warmup` optimizer steps are discarded (they
 include torch.compile's compilation, reported separately as `first_step_s`) and the median of the rest is
 reported. The FLOPs of one step are counted once, in the default case, with `FlopCounterMode` (policy forward
@@ -35,6 +37,7 @@ DEFAULT: dict[str, Any] = {"cache_latents": True}
 CASES: dict[str, dict[str, Any]] = {
     "default": {},
     "no_cache_latents": {"cache_latents": False},
+    "no_cache_latents_workers2": {"cache_latents": False, "dataloader_num_workers": 2},
     "gradient_checkpointing": {"gradient_checkpointing": True},
     "channels_last": {"channels_last": True},
     "torch_compile": {"torch_compile": True},
@@ -97,11 +100,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="Pairs per step.")
     parser.add_argument("--resolution", type=int, default=32, help="Image resolution.")
     parser.add_argument("--model", default=None, help="Local diffusers SD pipeline folder; default: the tiny kit.")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="Cases to measure.")
     args = parser.parse_args()
     steps = 6 if args.quick else args.steps
     torch.set_num_threads(args.threads)
     rows = []
-    for name in CASES:
+    for name in ["default", *(name for name in CASES if name in args.cases and name != "default")]:
         reason = skip_reason(name, args.quick)
         rows.append(
             {"case": name, "skipped": reason}
@@ -130,7 +134,8 @@ def main() -> None:
     settings = {
         "pairs": args.pairs, "steps": steps, "warmup": args.warmup, "resolution": args.resolution,
         "model": args.model or "tiny SD (testing.tiny_sd_pipeline)", "objective": "DPO, LoRA r8", "quick": args.quick,
-        "default_config": DEFAULT, "cases": CASES, "step_flops": default["step_flops"], "mfu_note": mfu_note,
+        "default_config": DEFAULT, "cases": {row["case"]: CASES[row["case"]] for row in rows},
+        "step_flops": default["step_flops"], "mfu_note": mfu_note,
     }  # fmt: skip
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out or str(Path(__file__).parent / "results" / f"levers_{device}{'_quick' if args.quick else ''}.json")
