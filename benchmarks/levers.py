@@ -50,7 +50,7 @@ def skip_reason(name: str, quick: bool) -> str | None:
     """Why a case is not measured on this device (None: it is)."""
     cuda = torch.cuda.is_available()
     if name == "adamw_8bit" and not cuda:
-        return "8-bit AdamW is a GPU memory lever (bitsandbytes' CUDA kernels): not measured on CPU"
+        return "8-bit AdamW saves optimizer-state memory (a few MiB with LoRA): measured on GPUs only"
     if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
     if name == "torch_compile" and quick and not cuda:
