@@ -106,18 +106,17 @@ def run_experiment(
     output_dir: str | Path,
     overrides: dict[str, Any] | None = None,
     data: TaskData | None = None,
-    pipe: Any = None,
 ) -> dict[str, Any]:
     """Train ``method`` on the task's pairs, then compare aligned with base: reward, win rate, fidelity, style
     share, diversity, held-out implicit-reward accuracy before/after, wall time. Writes a base-vs-aligned grid.
 
-    ``data`` (from :func:`prepare_task`) lets several objectives share one dataset; ``pipe`` defaults to a fresh
-    copy of the shipped toy pipeline (training adds an adapter to it).
+    ``data`` (from :func:`prepare_task`) lets several objectives share one dataset; each run trains a fresh copy
+    of the shipped toy pipeline.
     """
     from diffusion_pref_trainers.trainers import TRAINERS
 
     task = get_task(experiment.task)
-    pipe = pipe if pipe is not None else load_toy_pipeline()
+    pipe = load_toy_pipeline()
     data = data if data is not None else prepare_task(pipe, experiment)
     trainer_class = TRAINERS[method]
     fields = {field.name for field in dataclasses.fields(trainer_class.config_class)}

@@ -41,9 +41,6 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     vae_crop: int = 32
     foreground_weight: float = 5.0
-    foreground_dilation: int = 0
-    edge_weight: float = 0.0
-    vae_check_every: int = 0
     kl_weight: float = 1e-6
     unet_steps: int = 4000
     unet_batch_size: int = 32
@@ -79,20 +76,16 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def foreground(images: torch.Tensor, dilation: int = 0) -> torch.Tensor:
-    """(N, 1, H, W) mask of pixels that differ from the top-left corner (the background), dilated by
-    ``dilation`` px (so that the gaps of stripes and dots can count as part of the shape)."""
-    painted = ((images - images[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
-    return F.max_pool2d(painted, 2 * dilation + 1, stride=1, padding=dilation) if dilation else painted
+def foreground(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) mask of pixels that differ from the top-left corner (the background)."""
+    return ((images - images[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
 
 
 def train_vae(vae: Any, images: torch.Tensor, config: PretrainConfig, generator: torch.Generator) -> list[float]:
-    """Reconstruction (L1 + MSE, plus L1 of the error's differences between neighbouring pixels, weighted
-    ``edge_weight``; shape pixels weighted ``foreground_weight`` x) plus a small KL term.
+    """Reconstruction (L1 + MSE, shape pixels weighted ``foreground_weight`` x) plus a small KL term.
 
     The shape covers a few percent of an image, yet its colour and texture are what the detectors read, so its
-    pixels weigh more; the difference term penalises blurred edges, stripes and dots, which plain L1/MSE
-    learns last. The VAE is convolutional, so it trains on ``vae_crop`` px crops (4x cheaper at 32 px) and
+    pixels weigh more. The VAE is convolutional, so it trains on ``vae_crop`` px crops (4x cheaper at 32 px) and
     runs on whole images; crop offsets are multiples of 4 px so stripes and dots keep their phase on the latent
     grid.
     """
@@ -103,16 +96,12 @@ def train_vae(vae: Any, images: torch.Tensor, config: PretrainConfig, generator:
     for step in range(config.vae_steps):
         top, left = (4 * torch.randint((RESOLUTION - config.vae_crop) // 4 + 1, (2,), generator=generator)).tolist()
         rows = torch.randint(len(images), (config.vae_batch_size,), generator=generator)
-        weight = 1.0 + (config.foreground_weight - 1.0) * foreground(images[rows], config.foreground_dilation)
+        weight = 1.0 + (config.foreground_weight - 1.0) * foreground(images[rows])
         crop = (slice(None), slice(None), slice(top, top + config.vae_crop), slice(left, left + config.vae_crop))
         batch, weight = images[rows][crop], weight[crop]
         posterior = vae.encode(batch).latent_dist
         error = vae.decode(posterior.sample(generator)).sample - batch
         loss = (weight * (error.abs() + error.square())).mean() + config.kl_weight * posterior.kl().mean()
-        loss = loss + config.edge_weight * (
-            (weight[..., 1:, :] * (error[..., 1:, :] - error[..., :-1, :]).abs()).mean()
-            + (weight[..., :, 1:] * (error[..., :, 1:] - error[..., :, :-1]).abs()).mean()
-        )
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -120,9 +109,6 @@ def train_vae(vae: Any, images: torch.Tensor, config: PretrainConfig, generator:
         losses.append(loss.item())
         if step % 100 == 0 or step == config.vae_steps - 1:
             logger.info("vae step %d/%d loss %.4f", step + 1, config.vae_steps, np.mean(losses[-100:]))
-        if config.vae_check_every and (step + 1) % config.vae_check_every == 0:
-            logger.info("vae reconstruction %s", reconstruction_fidelity(vae, 64, config.seed + 20_000))
-            vae.train()
     vae.eval().requires_grad_(False)
     return losses
 
@@ -174,16 +160,15 @@ def train_denoiser(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.unet_steps)
     )
-    alphas = pipe.scheduler.alphas_cumprod
     losses = []
     for step in range(config.unet_steps):
         index = torch.from_numpy(rng.integers(len(latents), size=config.unet_batch_size))
         texts = [training_caption(scenes[i], rng, config.omit_prob, config.empty_prob) for i in index.tolist()]
         ids = pipe.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
-        clean, noise = latents[index], torch.randn(latents[index].shape, generator=generator)
-        t = torch.randint(len(alphas), (len(index),), generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        t = torch.randint(pipe.scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        noisy = pipe.scheduler.add_noise(clean, noise, t)
         prediction = pipe.unet(noisy, t, pipe.text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, pipe.scheduler.get_velocity(clean, noise, t))
         loss.backward()
