@@ -101,10 +101,12 @@ class HPSv2(ClipScorer):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
+        from transformers.initialization import no_init_weights
 
         config = hps_config() if config is None else config
         weights = load_state_dict(checkpoint, "['state_dict']") if isinstance(checkpoint, str) else checkpoint
-        model = CLIPModel(config)
+        with no_init_weights():  # every weight is loaded next: skip initialising ~1B parameters
+            model = CLIPModel(config)
         model.load_state_dict(convert_checkpoint(weights))  # strict: a weight the mapping missed is an error
         if isinstance(tokenizer, str):
             length = config.text_config.max_position_embeddings
@@ -115,5 +117,4 @@ class HPSv2(ClipScorer):
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """One score per (image, prompt) pair (prompts truncated to the tokenizer's 77 tokens)."""
-        cosine = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
-        return cosine.numpy().astype(np.float64)
+        return self.cosines(images, prompts).numpy().astype(np.float64)

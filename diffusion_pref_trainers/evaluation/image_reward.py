@@ -116,13 +116,15 @@ class ImageReward:
         std: float = IMAGE_REWARD_STD,
     ) -> None:
         from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
+        from transformers.initialization import no_init_weights
 
         config = image_reward_config() if config is None else config
         weights = load_state_dict(checkpoint) if isinstance(checkpoint, str) else checkpoint
         vision, text, head = split_checkpoint(weights)
         self.device, self.dtype = torch.device(device or "cpu"), dtype
-        self.vision = BlipVisionModel(config.vision_config)
-        self.text = BlipTextModel(config.text_config, add_pooling_layer=False)
+        with no_init_weights():  # every weight is loaded next (strictly): skip the random initialisation
+            self.vision = BlipVisionModel(config.vision_config)
+            self.text = BlipTextModel(config.text_config, add_pooling_layer=False)
         for model, state in ((self.vision, vision), (self.text, text)):
             model.load_state_dict(state)  # strict: a weight the mapping missed is an error
             model.to(self.device, dtype).eval().requires_grad_(False)

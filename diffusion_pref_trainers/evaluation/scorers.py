@@ -72,6 +72,10 @@ class ClipScorer:
         tokens = tokens.to(self.model.device)
         return torch.nn.functional.normalize(_features(self.model.get_text_features(**tokens)).float(), dim=-1).cpu()
 
+    def cosines(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        """``cos(image_i, prompt_i)`` for each pair ``[N]``: what CLIP score, PickScore and HPSv2 scale."""
+        return (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
+
     @property
     def logit_scale(self) -> float:
         """CLIP's learned temperature, ``exp(logit_scale)``."""
@@ -100,8 +104,7 @@ class ClipScore(ClipScorer):
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """One score per (image, prompt) pair."""
-        cosine = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
-        return (self.weight * cosine.clamp(min=0)).numpy().astype(np.float64)
+        return (self.weight * self.cosines(images, prompts).clamp(min=0)).numpy().astype(np.float64)
 
 
 class PickScore(ClipScorer):
@@ -112,8 +115,7 @@ class PickScore(ClipScorer):
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """One score per (image, prompt) pair."""
-        cosine = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
-        return (self.logit_scale * cosine).numpy().astype(np.float64)
+        return (self.logit_scale * self.cosines(images, prompts)).numpy().astype(np.float64)
 
 
 def aesthetic_head(state_dict: dict[str, torch.Tensor]) -> torch.nn.Sequential:
