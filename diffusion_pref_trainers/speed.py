@@ -24,16 +24,15 @@ CPU_INDUCTOR_WARNING = (
 
 def apply_fast_path(args: DiffusionTrainingConfig, *denoisers: nn.Module | None) -> None:
     """Apply `channels_last` and `torch_compile` from `args` to each given denoiser (None entries are skipped)."""
+    denoisers = tuple(denoiser for denoiser in denoisers if denoiser is not None)
+    backend = args.torch_compile_backend or "inductor"
+    on_cpu = any(next(denoiser.parameters()).device.type == "cpu" for denoiser in denoisers)
+    if args.torch_compile and backend == "inductor" and on_cpu:
+        logger.warning(CPU_INDUCTOR_WARNING)
     for denoiser in denoisers:
-        if denoiser is None:
-            continue
         if args.channels_last:
             if not any(isinstance(module, nn.Conv2d) for module in denoiser.modules()):
                 logger.info("`channels_last` has no effect on %s: it has no 2-D convolutions.", type(denoiser).__name__)
             denoiser.to(memory_format=torch.channels_last)
         if args.torch_compile:
-            if (args.torch_compile_backend or "inductor") == "inductor" and next(
-                denoiser.parameters()
-            ).device.type == "cpu":
-                logger.warning(CPU_INDUCTOR_WARNING)
-            denoiser.compile(mode=args.torch_compile_mode, backend=args.torch_compile_backend or "inductor")
+            denoiser.compile(mode=args.torch_compile_mode, backend=backend)
