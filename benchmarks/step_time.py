@@ -12,7 +12,7 @@ separate forwards, no caching. The library's cases run its fast path for a CPU: 
 forward for the policy and one for the reference; `dpo_no_cache` separates the cache's share. Every
 speed claim in the docs is a ratio against the baseline, measured in the same run. Memory is reported
 twice: the process's peak RSS, and the peak minus the RSS after imports, before any model is built
-(`model_step_mib`: the models, data, cache and the step's own memory, without the ~500 MiB of libraries).
+(`model_step_mib`: the models, data, cache and the step's own memory, without the ~400 MiB of libraries).
 """
 
 from __future__ import annotations
