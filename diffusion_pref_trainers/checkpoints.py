@@ -21,6 +21,12 @@ def temporary_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"{TMP_PREFIX}{step}"
 
 
+def clear_temporary(folder: str | Path) -> None:
+    """Delete a temporary checkpoint left by a save that never finished: none of its files may be committed."""
+    if Path(folder).exists():
+        shutil.rmtree(folder)
+
+
 def commit(output_dir: str | Path, step: int) -> Path:
     """Move a fully written temporary checkpoint into place in one rename (no half-written folder)."""
     final, tmp = checkpoint_path(output_dir, step), temporary_path(output_dir, step)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from safetensors.torch import load_model, save_model
@@ -50,19 +49,17 @@ class CheckpointingMixin:
     def _write_training_state(self, folder: Path) -> None:
         """Each process's random states; weights, optimizer, schedule and loss scale from the main process only."""
         accelerator = self.accelerator
-        if accelerator.is_main_process and folder.exists():
-            shutil.rmtree(folder)  # left by a save that never finished: none of its files may be committed
+        if accelerator.is_main_process:
+            checkpoints.clear_temporary(folder)
         accelerator.wait_for_everyone()
         folder.mkdir(parents=True, exist_ok=True)
         process = {"step": accelerator.step, "rng": train_state.rng_state()}
         train_state.save(process, folder, RANDOM_STATES.format(accelerator.process_index))
         if not accelerator.is_main_process:
             return
+        save = save_model if self.peft_config is None else adapters.save_adapter_state
         for name, module in self._checkpointed_modules().items():
-            if self.peft_config is None:
-                save_model(module, str(folder / name))
-            else:
-                adapters.save_adapter_state(module, str(folder / name))
+            save(module, str(folder / name))
         train_state.save(self.optimizer.state_dict(), folder, OPTIMIZER)
         (folder / SCHEDULER_FILE).write_text(json.dumps(self.lr_scheduler.state_dict()))
         if accelerator.scaler is not None:
@@ -71,11 +68,9 @@ class CheckpointingMixin:
     def _load_checkpoint(self, folder: Path) -> None:
         """Restore everything `_save_checkpoint` wrote, on every process."""
         logger.info("Resuming from %s", folder)
+        load = load_model if self.peft_config is None else adapters.load_adapter_state
         for name, module in self._checkpointed_modules().items():
-            if self.peft_config is None:
-                load_model(module, str(folder / name))
-            else:
-                adapters.load_adapter_state(module, str(folder / name))
+            load(module, str(folder / name))
         self.optimizer.load_state_dict(train_state.load(folder, OPTIMIZER))
         self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
         if self.accelerator.scaler is not None:
