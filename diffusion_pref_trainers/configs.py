@@ -48,15 +48,18 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"`{name}={value!r}` is not supported; choose one of {', '.join(choices)}.")
 
 
-def _torch_compile_choices(kind: str) -> tuple[str, ...]:
-    """The compile 'modes' or 'backends' the installed torch accepts (they change between releases)."""
-    if kind == "modes":
-        from torch._inductor import list_mode_options
-
-        return tuple(list_mode_options())
+def _torch_compile_backends() -> tuple[str, ...]:
+    """The torch.compile backends the installed torch accepts (they change between releases)."""
     from torch._dynamo import list_backends
 
     return tuple(list_backends(exclude_tags=()))
+
+
+def _torch_compile_modes() -> tuple[str, ...]:
+    """The torch.compile (inductor) modes the installed torch accepts."""
+    from torch._inductor import list_mode_options
+
+    return tuple(list_mode_options())
 
 
 @dataclass
@@ -369,9 +372,9 @@ class DiffusionTrainingConfig:
                 f"`{name}` chooses how `torch_compile` compiles: set `torch_compile=True` as well.",
             )
         if self.torch_compile_backend is not None:
-            _check_choice("torch_compile_backend", self.torch_compile_backend, _torch_compile_choices("backends"))
+            _check_choice("torch_compile_backend", self.torch_compile_backend, _torch_compile_backends())
         if self.torch_compile_mode is not None:
-            _check_choice("torch_compile_mode", self.torch_compile_mode, _torch_compile_choices("modes"))
+            _check_choice("torch_compile_mode", self.torch_compile_mode, _torch_compile_modes())
             _check(
                 self.torch_compile_backend in (None, "inductor"),
                 f"`torch_compile_mode` is an inductor setting; backend {self.torch_compile_backend!r} takes none: "
