@@ -189,14 +189,20 @@ def test_hps_config_has_the_released_vit_h_14_shapes() -> None:
     assert model.config.vision_config.hidden_act == model.config.text_config.hidden_act == "gelu"
 
 
-@pytest.mark.parametrize("change", ["missing", "unknown"])
-def test_hps_loads_every_weight_and_no_stray_one(tokenizer, change: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ("missing", RuntimeError, r"layer_norm2\.bias"),
+        ("unknown", ValueError, r"unexpected HPSv2 weight .*attn\.extra"),
+    ],
+)
+def test_hps_loads_every_weight_and_no_stray_one(tokenizer, change: str, error: type, message: str) -> None:
     weights = released_layout_checkpoint(len(tokenizer))
     if change == "missing":
         del weights["visual.transformer.resblocks.1.ln_2.bias"]
     else:
         weights["transformer.resblocks.1.attn.extra.weight"] = torch.zeros(1)
-    with pytest.raises((RuntimeError, ValueError), match=r"layer_norm2\.bias|unexpected HPSv2 weight .*attn\.extra"):
+    with pytest.raises(error, match=message):
         HPSv2(weights, tokenizer=tokenizer, config=tiny_config(len(tokenizer)))
 
 

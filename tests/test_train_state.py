@@ -73,6 +73,19 @@ def test_values_that_would_need_pickle_are_refused() -> None:
         train_state.flatten({"a": {1, 2}})
     with pytest.raises(TypeError, match="only str and int keys"):
         train_state.flatten({0.5: 1})
+    with pytest.raises(ValueError, match="would be stored as '0'"):
+        train_state.flatten({0: torch.zeros(1), "0": torch.ones(1)})  # int and str keys name the same tensor
+
+
+def _assert_same_next_step(optimizer, params, fresh, twins, grad: float) -> None:
+    """One more step of the original and the restored optimizer, same gradient: identical parameters after."""
+    for param, twin in zip(params, twins, strict=True):
+        param.grad = torch.full(param.shape, grad)
+        twin.grad = torch.full(param.shape, grad)
+    optimizer.step()
+    fresh.step()
+    for param, twin in zip(params, twins, strict=True):
+        assert torch.equal(param, twin)
 
 
 def test_adamw_resumes_with_the_same_state_and_the_same_next_step(tmp_path) -> None:
@@ -88,13 +101,7 @@ def test_adamw_resumes_with_the_same_state_and_the_same_next_step(tmp_path) -> N
     _assert_same_tree(fresh.state_dict(), saved)
     assert fresh.param_groups[1]["betas"] == (0.8, 0.95) and fresh.param_groups[1]["lr"] == 1e-2
 
-    for param, twin in zip(params, fresh_params, strict=True):
-        param.grad = torch.full(param.shape, 0.5)
-        twin.grad = torch.full(param.shape, 0.5)
-    optimizer.step()
-    fresh.step()
-    for param, twin in zip(params, fresh_params, strict=True):
-        assert torch.equal(param, twin)
+    _assert_same_next_step(optimizer, params, fresh, fresh_params, 0.5)
 
 
 def test_bitsandbytes_8bit_adamw_state_round_trips(tmp_path) -> None:
@@ -116,13 +123,7 @@ def test_bitsandbytes_8bit_adamw_state_round_trips(tmp_path) -> None:
     twins = [torch.nn.Parameter(param.detach().clone()) for param in params]
     fresh = bnb.optim.AdamW8bit(twins, lr=1e-3)
     fresh.load_state_dict(train_state.load(tmp_path, "optimizer"))
-    for param, twin in zip(params, twins, strict=True):
-        param.grad = torch.full(param.shape, 0.25)
-        twin.grad = torch.full(param.shape, 0.25)
-    optimizer.step()
-    fresh.step()
-    for param, twin in zip(params, twins, strict=True):
-        assert torch.equal(param, twin)
+    _assert_same_next_step(optimizer, params, fresh, twins, 0.25)
 
 
 def test_restored_generators_draw_the_numbers_that_would_have_come(tmp_path) -> None:
