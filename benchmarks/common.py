@@ -39,6 +39,18 @@ def base_parser(doc: str, quick: str, steps: int = 12, out: str = "") -> argpars
     return parser
 
 
+def default_out(name: str, quick: bool) -> str:
+    """Where a script writes its JSON by default: ``benchmarks/results/<name>_<cpu|cuda>[_quick].json``."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(Path(__file__).parent / "results" / f"{name}_{device}{'_quick' * quick}.json")
+
+
+def throughput(step_flops: int, ms_per_step: float, peak: float | None) -> dict[str, Any]:
+    """Achieved GFLOP/s of a step, and its MFU where the device's peak FLOP/s is known (else None)."""
+    achieved = step_flops / (ms_per_step / 1000)
+    return {"achieved_gflops_per_s": round(achieved / 1e9, 2), "mfu": round(achieved / peak, 4) if peak else None}
+
+
 class StepClock(TrainerCallback):
     """A trainer callback that stamps the start of training and the end of every optimizer step.
 

@@ -12,11 +12,10 @@ pipelines' default T5 length (256 and 512 tokens) unless `--max-sequence-length`
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import StepClock, base_parser, run_case, summarize, write_result
+from common import StepClock, base_parser, default_out, run_case, summarize, write_result
 
 FAMILIES = {
     "sd": "tiny_sd_pipeline",
@@ -62,9 +61,7 @@ def main() -> None:
         print(f"{family:<6}{rows[-1]['ms_per_step']:>10} ms/step  ({rows[-1]['denoiser_params']:,} denoiser params)")
     settings = {"pairs": args.pairs, "steps": steps, "warmup": args.warmup, "resolution": 32, "quick": args.quick,
                 "max_sequence_length": args.max_sequence_length, "objective": "DPO, LoRA r8"}  # fmt: skip
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = f"family_step_time_{device}{'_quick' * args.quick}.json"
-    write_result(args.out or str(Path(__file__).parent / "results" / name), settings, rows, args.threads)
+    write_result(args.out or default_out("family_step_time", args.quick), settings, rows, args.threads)
 
 
 if __name__ == "__main__":

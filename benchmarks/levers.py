@@ -18,17 +18,18 @@ median step time, and MFU = achieved / the GPU's dense bf16 peak where `common.P
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from common import (
     StepClock,
     base_parser,
+    default_out,
     memory,
     peak_bf16_flops,
     run_case,
     summarize,
+    throughput,
     training_step_flops,
     write_result,
 )
@@ -90,9 +91,7 @@ def add_throughput(rows: list[dict[str, Any]], step_flops: int, peak: float | No
     for row in rows:
         if "ms_per_step" not in row:
             continue
-        achieved = step_flops / (row["ms_per_step"] / 1000)
-        row["achieved_gflops_per_s"] = round(achieved / 1e9, 2)
-        row["mfu"] = round(achieved / peak, 4) if peak else None
+        row.update(throughput(step_flops, row["ms_per_step"], peak))
 
 
 def main() -> None:
@@ -137,9 +136,7 @@ def main() -> None:
         "default_config": DEFAULT, "cases": {row["case"]: CASES[row["case"]] for row in rows},
         "step_flops": default["step_flops"], "mfu_note": mfu_note,
     }  # fmt: skip
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = args.out or str(Path(__file__).parent / "results" / f"levers_{device}{'_quick' if args.quick else ''}.json")
-    write_result(out, settings, rows, args.threads)
+    write_result(args.out or default_out("levers", args.quick), settings, rows, args.threads)
 
 
 if __name__ == "__main__":

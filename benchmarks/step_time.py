@@ -20,12 +20,11 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from common import StepClock, base_parser, current_rss_mib, pool, run_case, summarize, write_result
+from common import StepClock, base_parser, current_rss_mib, default_out, pool, run_case, summarize, write_result
 from kits import KITS, pipeline
 
 FAST = {"cache_latents": True}
@@ -175,11 +174,7 @@ def main() -> None:
         from kits import sd15_flop_shares
 
         settings["flop_shares"] = {"this_kit": sd15_flop_shares(8, resolution), "sd15_512px": sd15_flop_shares(1, 512)}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = args.out or str(
-        Path(__file__).parent / "results" / f"step_time_{args.kit}_{device}{'_quick' * args.quick}.json"
-    )
-    write_result(out, settings, rows, args.threads)
+    write_result(args.out or default_out(f"step_time_{args.kit}", args.quick), settings, rows, args.threads)
 
 
 if __name__ == "__main__":

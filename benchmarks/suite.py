@@ -13,7 +13,6 @@ Every case runs in its own process; warm-up steps are discarded and the median o
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -21,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from common import write_result
+from common import base_parser, default_out, write_result
 
 HERE = Path(__file__).parent
 PARTS = {
@@ -34,11 +32,7 @@ PARTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Every part in its quick mode (CI-sized).")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of every case.")
-    parser.add_argument("--out", default=None, help="Result JSON; default: benchmarks/results/suite_*.json.")
-    args = parser.parse_args()
+    args = base_parser(__doc__, "Every part in its quick mode (CI-sized).", out="suite_<device>.json").parse_args()
     start = time.perf_counter()
     parts, rows = {}, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,11 +48,8 @@ def main() -> None:
     wall = round(time.perf_counter() - start, 1)
     times = ", ".join(f"{name} {part['wall_s']} s" for name, part in parts.items())
     print(f"\nsuite: {wall} s in all ({times})")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = args.out or str(HERE / "results" / f"suite_{device}{'_quick' * args.quick}.json")
-    write_result(
-        out, {"quick": args.quick, "threads": args.threads, "wall_s": wall, "parts": parts}, rows, args.threads
-    )
+    settings = {"quick": args.quick, "threads": args.threads, "wall_s": wall, "parts": parts}
+    write_result(args.out or default_out("suite", args.quick), settings, rows, args.threads)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import base_parser, device_description, run_case, write_result
+from common import base_parser, default_out, device_description, peak_bf16_flops, run_case, throughput, write_result
 from levers import measure
 from PIL import Image, ImageDraw, ImageFont
 
-RESULTS = Path(__file__).parent / "results"
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 
@@ -99,21 +98,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pairs, resolutions, steps = ([1, 4], [32, 64], 5) if args.quick else (args.pairs, args.resolutions, args.steps)
+    peak, _ = peak_bf16_flops()
     rows = []
     for resolution in resolutions:
         for count in pairs:
             row = run_case(args.threads, measure_cell, count, resolution, steps, args.warmup)
-            row["achieved_gflops_per_s"] = round(row["step_flops"] / (row["ms_per_step"] / 1000) / 1e9, 2)
+            row.update(throughput(row["step_flops"], row["ms_per_step"], peak))
             rows.append(row)
             print(f"{count} pairs, {resolution} px: {row['ms_per_step']} ms/step, {row['peak_rss_mib']} MiB peak, "
                   f"{row['achieved_gflops_per_s']} GFLOP/s", flush=True)  # fmt: skip
-    suffix = ("_cuda" if torch.cuda.is_available() else "_cpu") + ("_quick" if args.quick else "")
     settings = {"pairs": pairs, "resolutions": resolutions, "steps": steps, "warmup": args.warmup,
                 "model": "tiny SD (testing.tiny_sd_pipeline)", "objective": "DPO, LoRA r8, cache_latents",
                 "quick": args.quick}  # fmt: skip
-    write_result(args.out or str(RESULTS / f"sweep{suffix}.json"), settings, rows, args.threads)
+    out = args.out or default_out("sweep", args.quick)
+    write_result(out, settings, rows, args.threads)
     default_plot = (
-        RESULTS / f"sweep{suffix}.png" if args.quick else Path(__file__).parents[1] / "docs" / "performance_sweep.png"
+        Path(out).with_suffix(".png") if args.quick else Path(__file__).parents[1] / "docs" / "performance_sweep.png"
     )
     plot(rows, args.plot or str(default_plot), device_description(args.threads))
 
