@@ -83,6 +83,16 @@ def test_on_device_brings_offloaded_encoders_to_the_device_for_the_block_and_off
             assert _devices(pipe.vae) == {"meta"}
 
 
+class DeviceRecorder(TrainerCallback):
+    """The device types of a module's tensors at each step's end."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.at_steps = module, []
+
+    def on_step_end(self, trainer) -> None:
+        self.at_steps.append(_devices(self.module))
+
+
 @pytest.mark.parametrize(
     "method, train_text_encoder",
     [("dpo", False), ("dpo", True), ("rpo", False)],
@@ -106,11 +116,13 @@ def test_cached_training_and_evaluation_never_read_the_offloaded_encoders(
     pipe = trainer.pipe
     text_before = {name: p.detach().clone() for name, p in pipe.text_encoder.named_parameters() if p.requires_grad}
     trainer.encoder_offload.device = trainer.encoder_offload.offload_device = META
+    trainer.callbacks.append(DeviceRecorder(pipe.vae))
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert len(losses) == 2 and len(evals) == 2 and all(math.isfinite(value) for value in losses + evals)
+    assert trainer.callbacks[-1].at_steps == [{"meta"}, {"meta"}]  # offloaded while it trained
     assert _devices(pipe.vae) == {"meta"} and _devices(pipe.unet) == {"cpu"}
     assert Path(trainer.args.output_dir, "pytorch_lora_weights.safetensors").is_file()
     if train_text_encoder:
