@@ -1,10 +1,12 @@
 """Encoders a cached run does not need while it trains, kept on the CPU meanwhile (`offload_cached_encoders`).
 
 With `cache_latents` the training and evaluation steps read latents (and, unless text encoders are trained, prompt
-conditioning) from the cache, so the VAE and the frozen text encoders sit idle in accelerator memory: diffusers'
-own training scripts delete them after precomputing. The trainer moves them to the CPU when training starts and
-back to the device when it ends, before the validation samples are rendered, so that `trainer.pipe` generates as
-before; building a new cache meanwhile (`evaluate(new_dataset)` from a callback) brings them back for the while.
+conditioning) from the cache, so the VAE and the frozen text encoders sit idle in accelerator memory (diffusers'
+`train_text_to_image_sdxl.py` deletes them after precomputing). The trainer moves them to the CPU when training
+starts and back to the device when it ends, before the validation samples are rendered, so that `trainer.pipe`
+generates as before; building a new cache meanwhile (`evaluate(new_dataset)` from a callback) brings them back
+for the while. A run stopped by an exception leaves them on the CPU: `trainer.encoder_offload.restore()` brings
+them back.
 """
 
 from __future__ import annotations
