@@ -191,6 +191,12 @@ class DiffusionTrainingConfig:
         "streamed) dataset; with `train_text_encoder` only latents are cached. See docs/data.md.",
         False,
     )
+    offload_cached_encoders: bool = _help(
+        "With `cache_latents`, move the encoders the training step no longer needs (the VAE; the text encoders when "
+        "they are not trained) to the CPU when training starts, and back to the device when it ends, before the "
+        "validation samples are rendered. Frees their weights from accelerator memory; no effect on a CPU.",
+        True,
+    )
     cache_dir: str | None = _help(
         "Folder of the precompute cache files; None: `diffusion_pref_trainers/` in datasets' cache folder. Files are "
         "named by fingerprint, so runs (and their eval sets) share them safely.",

@@ -27,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from diffusion_pref_trainers import adapters, cache, checkpoints, hub, speed
+from diffusion_pref_trainers import adapters, cache, checkpoints, hub, offload, speed
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     PAIRED_SCHEMAS,
@@ -106,6 +106,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self._validate()
 
         self._setup_model(peft_config)
+        idle = offload.modules_to_offload(self.family, self.args, trained_text_encoders=bool(self.text_encoders))
+        self.encoder_offload = offload.EncoderOffload(idle, self.accelerator.device)
         self.train_dataset, self.eval_dataset = self._cached(self.train_dataset), self._cached(self.eval_dataset)
         self.optimizer = build_optimizer(self.args, self.trainable_parameters)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.family.denoiser, self.optimizer)
@@ -324,7 +326,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             extras=self.cache_extras if frozen_text else lambda batch: {},
         )
         settings = {"family": self.family.name, "extras": self.cache_extras_identity() if frozen_text else {}}
-        with self.accelerator.main_process_first(), torch.no_grad():
+        with self.accelerator.main_process_first(), torch.no_grad(), self.encoder_offload.on_device():
             return cache.cache_dataset(
                 dataset, encoders, modules=self.family.frozen_modules(), settings=settings,
                 cache_dir=self.args.cache_dir, batch_size=self.args.per_device_train_batch_size,
@@ -416,6 +418,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         epoch, skip = (micro // per_epoch, micro % per_epoch) if per_epoch else (int(self.state.epoch), 0)
         pending: dict[str, list[torch.Tensor]] = {}
         progress = tqdm(total=total, initial=self.state.global_step, disable=not self.accelerator.is_local_main_process)
+        self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
         self.denoiser.train()
         while self.state.global_step < total:
             batches = 0
@@ -440,6 +443,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                 )
             epoch, skip = epoch + 1, 0
         progress.close()
+        self.encoder_offload.restore()  # the pipeline renders with them
         if self.eval_dataset is not None and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
             self._log(self.evaluate())
         self._wait_for_push()
