@@ -19,7 +19,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
+# Measure this checkout, not an installed copy: here, and in the case processes (the forkserver that starts them
+# would otherwise import the package from wherever it is installed, e.g. another checkout's editable install).
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 from diffusion_pref_trainers import TrainerCallback  # noqa: E402
 
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor datasheets; SXM parts), matched against the device name.
