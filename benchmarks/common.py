@@ -19,7 +19,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
+# Measure this checkout, not an installed copy: here, and in the case processes (the forkserver that starts them
+# would otherwise import the package from wherever it is installed, e.g. another checkout's editable install).
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 from diffusion_pref_trainers import TrainerCallback  # noqa: E402
 
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor datasheets; SXM parts), matched against the device name.
@@ -102,18 +106,21 @@ def pool(runs: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
     median = statistics.median(steps)
     row = {**runs[0], "ms_per_step": round(median, 1), "pairs_per_s": round(1000 * pairs / median, 2)}
     row.update(min_ms_per_step=min(steps), steps_timed=len(steps), runs=len(runs), step_ms=steps)
-    for key in ("peak_rss_mib", "model_step_mib"):
-        row[key] = max(run[key] for run in runs)
+    for key in ("peak_rss_mib", "model_step_mib", "peak_cuda_mib"):
+        if key in row:
+            row[key] = max(run[key] for run in runs)
     return row
 
 
 def memory(clock: StepClock) -> dict[str, Any]:
     """Resident memory when training began (models, data and cache already loaded) and, on CUDA, the peak
     memory allocated by tensors during training."""
-    result: dict[str, Any] = {"rss_at_train_begin_mib": clock.rss_at_train_begin_mib}
-    if torch.cuda.is_available():
-        result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return result
+    return {"rss_at_train_begin_mib": clock.rss_at_train_begin_mib, **peak_cuda()}
+
+
+def peak_cuda() -> dict[str, float]:
+    """On CUDA, the peak memory allocated by tensors since the last reset (`StepClock.on_train_begin`); else {}."""
+    return {"peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if torch.cuda.is_available() else {}
 
 
 def current_rss_mib() -> float | None:

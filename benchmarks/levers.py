@@ -1,10 +1,12 @@
 """Step time, peak memory and MFU of LoRA Diffusion-DPO with each speed lever toggled from the default.
 
-    python benchmarks/levers.py [--quick] [--pairs 4] [--steps 12] [--warmup 2] [--resolution 32] [--threads 1]
-        [--model PATH] [--cases NAME ...] [--out benchmarks/results/levers_<cpu|cuda>.json]
+    python benchmarks/levers.py [--quick] [--pairs 4] [--steps 12] [--warmup 2] [--threads 1] [--kit tiny]
+        [--resolution R] [--mixed-precision no|bf16] [--model PATH] [--cases NAME ...]
+        [--out benchmarks/results/levers_<cpu|cuda>.json]
 
 The `default` case is the library's defaults plus `cache_latents=True`; every other case flips one switch
-(`cache_latents` off, `gradient_checkpointing`, `channels_last`, `torch_compile`, 8-bit AdamW, bf16 autocast);
+(`cache_latents` off, `gradient_checkpointing`, `channels_last`, `torch_compile`, 8-bit AdamW, bf16 autocast,
+full fine-tuning with AdamW and with 8-bit AdamW, where the optimizer state is the denoiser's size);
 `no_cache_latents_workers2` decodes the images in 2 data-loader workers (compare it with `no_cache_latents`, where
 the training process decodes them). `--cases` measures only the named cases (and `default`, the reference).
 Each case runs in its own subprocess (its own peak memory): `warmup` optimizer steps are discarded (they
@@ -12,7 +14,9 @@ include torch.compile's compilation, reported separately as `first_step_s`) and 
 reported. The FLOPs of one step are counted once, in the default case, with `FlopCounterMode` (policy forward
 and backward, reference forward); every case did that same useful work, so achieved FLOP/s = step FLOPs /
 median step time, and MFU = achieved / the GPU's dense bf16 peak where `common.PEAK_BF16_FLOPS` knows the GPU.
-`--model` takes a local diffusers Stable Diffusion folder instead of the tiny offline kit.
+`--kit` picks the models (kits.py: the tiny offline kit by default; `sd15` and `sdxl` are the full-size
+architectures the GPU targets name), `--model` a local diffusers Stable Diffusion folder instead, and
+`--mixed-precision bf16` makes bf16 autocast part of every case (then the `bf16` case is skipped).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from common import (
     training_step_flops,
     write_result,
 )
+from kits import KITS, pipeline
 
 DEFAULT: dict[str, Any] = {"cache_latents": True}
 CASES: dict[str, dict[str, Any]] = {
@@ -43,15 +48,19 @@ CASES: dict[str, dict[str, Any]] = {
     "channels_last": {"channels_last": True},
     "torch_compile": {"torch_compile": True},
     "adamw_8bit": {"optim": "adamw_8bit"},
+    "full_finetune": {"use_lora": False},
+    "full_finetune_adamw_8bit": {"use_lora": False, "optim": "adamw_8bit"},
     "bf16": {"mixed_precision": "bf16"},
 }
 
 
-def skip_reason(name: str, quick: bool) -> str | None:
+def skip_reason(name: str, quick: bool, precision: str) -> str | None:
     """Why a case is not measured on this device (None: it is)."""
     cuda = torch.cuda.is_available()
-    if name == "adamw_8bit" and not cuda:
-        return "8-bit AdamW saves optimizer-state memory (a few MiB with LoRA): measured on GPUs only"
+    if name == "bf16" and precision == "bf16":
+        return "every case runs bf16 (--mixed-precision bf16)"
+    if name in ("adamw_8bit", "full_finetune_adamw_8bit") and not cuda:
+        return "8-bit AdamW saves optimizer-state memory, too little here to show in RSS: measured on GPUs only"
     if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
     if name == "torch_compile" and quick and not cuda:
@@ -62,7 +71,7 @@ def skip_reason(name: str, quick: bool) -> str | None:
 
 
 def measure(
-    name: str, pairs: int, steps: int, warmup: int, resolution: int, model: str | None, overrides: dict[str, Any]
+    name: str, pairs: int, steps: int, warmup: int, resolution: int, model: str, overrides: dict[str, Any]
 ) -> dict[str, Any]:
     """Train `steps` LoRA DPO steps of case `name` in this process and summarise them; the default case also
     counts its step FLOPs."""
@@ -74,14 +83,14 @@ def measure(
         args = DiffusionDPOConfig(
             output_dir=f"{tmp}/out", cache_dir=f"{tmp}/cache", per_device_train_batch_size=pairs, max_steps=steps,
             resolution=resolution, learning_rate=1e-4, logging_steps=steps, save_steps=0,
-            **{**DEFAULT, **overrides},
+            **overrides,
         )  # fmt: skip
         data = testing.make_preference_dataset(pairs * steps, size=resolution)
-        trainer = DiffusionDPOTrainer(model or testing.tiny_sd_pipeline(), args, data, callbacks=[clock])
+        trainer = DiffusionDPOTrainer(pipeline(model) if model in KITS else model, args, data, callbacks=[clock])
         trainer.train()
         row = {"case": name, **summarize(clock.seconds(), warmup, pairs), **memory(clock)}
         row["first_step_s"] = round(clock.seconds()[0], 2)
-        if not overrides:
+        if name == "default":
             row["step_flops"] = training_step_flops(trainer, pairs)
     return row
 
@@ -97,20 +106,32 @@ def add_throughput(rows: list[dict[str, Any]], step_flops: int, peak: float | No
 def main() -> None:
     parser = base_parser(__doc__, "Fewer steps, no CPU compile or bf16 (CI-sized).", out="levers_<device>.json")
     parser.add_argument("--pairs", type=int, default=4, help="Pairs per step.")
-    parser.add_argument("--resolution", type=int, default=32, help="Image resolution.")
-    parser.add_argument("--model", default=None, help="Local diffusers SD pipeline folder; default: the tiny kit.")
+    parser.add_argument("--kit", choices=sorted(KITS), default="tiny", help="The models (see kits.py).")
+    parser.add_argument("--resolution", type=int, default=None, help="Image resolution; default: the kit's.")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="Autocast for every case.")
+    parser.add_argument("--model", default=None, help="Local diffusers SD pipeline folder instead of a kit.")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="Cases to measure.")
     args = parser.parse_args()
     steps = 6 if args.quick else args.steps
+    resolution = args.resolution or KITS[args.kit][1]
+    base = {**DEFAULT, "mixed_precision": args.mixed_precision}
     torch.set_num_threads(args.threads)
     rows = []
     for name in ["default", *(name for name in CASES if name in args.cases and name != "default")]:
-        reason = skip_reason(name, args.quick)
+        reason = skip_reason(name, args.quick, args.mixed_precision)
         rows.append(
             {"case": name, "skipped": reason}
             if reason
             else run_case(
-                args.threads, measure, name, args.pairs, steps, args.warmup, args.resolution, args.model, CASES[name]
+                args.threads,
+                measure,
+                name,
+                args.pairs,
+                steps,
+                args.warmup,
+                resolution,
+                args.model or args.kit,
+                {**base, **CASES[name]},
             )
         )
         print(f"{name}: {reason or str(rows[-1]['ms_per_step']) + ' ms/step'}", flush=True)
@@ -122,18 +143,18 @@ def main() -> None:
             row["time_vs_default"] = round(row["ms_per_step"] / default["ms_per_step"], 3)
     cuda = "peak_cuda_mib" in default
     memory_key, memory_name = ("peak_cuda_mib", "peak CUDA MiB") if cuda else ("peak_rss_mib", "peak RSS MiB")
-    print(f"\n{'case':<24}{'ms/step':>10}{'x default':>10}{memory_name:>15}{'1st step s':>12}{'GFLOP/s':>10}{'MFU':>8}")
+    print(f"\n{'case':<28}{'ms/step':>10}{'x default':>10}{memory_name:>15}{'1st step s':>12}{'GFLOP/s':>10}{'MFU':>8}")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['case']:<24}skipped: {r['skipped']}")
+            print(f"{r['case']:<28}skipped: {r['skipped']}")
             continue
-        print(f"{r['case']:<24}{r['ms_per_step']:>10}{r['time_vs_default']:>10}{r[memory_key]:>15}"
+        print(f"{r['case']:<28}{r['ms_per_step']:>10}{r['time_vs_default']:>10}{r[memory_key]:>15}"
               f"{r['first_step_s']:>12}{r['achieved_gflops_per_s']:>10}{str(r['mfu']):>8}")  # fmt: skip
     print(f"step FLOPs (default case, FlopCounterMode): {default['step_flops']:.4g}; {mfu_note}")
     settings = {
-        "pairs": args.pairs, "steps": steps, "warmup": args.warmup, "resolution": args.resolution,
-        "model": args.model or "tiny SD (testing.tiny_sd_pipeline)", "objective": "DPO, LoRA r8", "quick": args.quick,
-        "default_config": DEFAULT, "cases": {row["case"]: CASES[row["case"]] for row in rows},
+        "pairs": args.pairs, "steps": steps, "warmup": args.warmup, "resolution": resolution,
+        "model": args.model or KITS[args.kit][0], "objective": "DPO, LoRA r8", "quick": args.quick,
+        "default_config": base, "cases": {row["case"]: CASES[row["case"]] for row in rows},
         "step_flops": default["step_flops"], "mfu_note": mfu_note,
     }  # fmt: skip
     write_result(args.out or default_out("levers", args.quick), settings, rows, args.threads)

@@ -3,7 +3,8 @@ on the SD1.5-shaped kit), every model family's DPO step, and every speed lever; 
 
     python benchmarks/suite.py --quick    # CI-sized: 6 steps a case, no torch.compile on CPU
     python benchmarks/suite.py            # 12 steps a case, and levers.py's torch.compile case (minutes on a CPU)
-        [--threads 1] [--out benchmarks/results/suite_<cpu|cuda>[_quick].json]
+    python benchmarks/suite.py --full-size  # the GPU targets: SD1.5 at 512 px and SDXL at 1024 px, bf16
+        [--threads 1] [--out benchmarks/results/suite_<cpu|cuda>[_quick|_full_size].json]
 
 Each part is one of the scripts next to this one (run alone for more options: pairs, resolution, a real
 checkpoint). The suite runs them one after the other with the same thread count, passes their tables through,
@@ -29,14 +30,26 @@ PARTS = {
     "families": ["family_step_time.py"],
     "levers": ["levers.py"],
 }
+# The GPU targets, on the full-size architectures with random weights (kits.py), bf16 autocast: SD1.5 LoRA
+# DPO at 512 px against the baseline (speed, memory) and its levers (MFU, 8-bit AdamW with full fine-tuning);
+# SDXL at 1024 px, 4 pairs a step, with and without gradient checkpointing (does it fit 80 GB?).
+FULL_SIZE_PARTS = {
+    "objectives_sd15_512": ["step_time.py", "--kit", "sd15", "--pairs", "4", "--mixed-precision", "bf16"],
+    "levers_sd15_512": ["levers.py", "--kit", "sd15", "--mixed-precision", "bf16", "--cases", "gradient_checkpointing",
+                        "channels_last", "full_finetune", "full_finetune_adamw_8bit"],
+    "levers_sdxl_1024": ["levers.py", "--kit", "sdxl", "--mixed-precision", "bf16", "--cases",
+                         "gradient_checkpointing", "--steps", "8"],
+}  # fmt: skip
 
 
 def main() -> None:
-    args = base_parser(__doc__, "Every part in its quick mode (CI-sized).", out="suite_<device>.json").parse_args()
+    parser = base_parser(__doc__, "Every part in its quick mode (CI-sized).", out="suite_<device>.json")
+    parser.add_argument("--full-size", action="store_true", help="The full-size GPU parts instead (hours on a CPU).")
+    args = parser.parse_args()
     start = time.perf_counter()
     parts, rows = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (script, *options) in PARTS.items():
+        for name, (script, *options) in (FULL_SIZE_PARTS if args.full_size else PARTS).items():
             print(f"\n== {name}: {script} {' '.join(options)}", flush=True)
             began = time.perf_counter()
             out = f"{tmp}/{name}.json"
@@ -48,8 +61,10 @@ def main() -> None:
     wall = round(time.perf_counter() - start, 1)
     times = ", ".join(f"{name} {part['wall_s']} s" for name, part in parts.items())
     print(f"\nsuite: {wall} s in all ({times})")
-    settings = {"quick": args.quick, "threads": args.threads, "wall_s": wall, "parts": parts}
-    write_result(args.out or default_out("suite", args.quick), settings, rows, args.threads)
+    settings = {"quick": args.quick, "full_size": args.full_size, "threads": args.threads, "wall_s": wall}
+    settings["parts"] = parts
+    name = "suite_full_size" if args.full_size else "suite"
+    write_result(args.out or default_out(name, args.quick), settings, rows, args.threads)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """How the cost of a LoRA Diffusion-DPO step grows with batch size and resolution: ms/step, memory and FLOP/s.
 
     python benchmarks/sweep.py [--quick] [--pairs 1 2 4 8] [--resolutions 32 64 128] [--steps 6] [--warmup 2]
-        [--threads 1] [--out benchmarks/results/sweep_<cpu|cuda>.json] [--plot docs/performance_sweep.png]
+        [--threads 1] [--kit tiny] [--mixed-precision no|bf16] [--out benchmarks/results/sweep_<cpu|cuda>.json]
+        [--plot docs/performance_sweep.png]
 
 Every (pairs, resolution) cell runs the levers benchmark's default case (`levers.py`: library defaults plus
-`cache_latents=True`, tiny SD kit) in its own subprocess, so its peak memory is its own; warm-up steps are
-discarded and the median of the rest is reported, with the step's FLOPs counted by `FlopCounterMode`.
-The plot (drawn with PIL) shows ms/step and peak resident memory against pairs per step, one line per resolution.
+`cache_latents=True`; the tiny SD kit unless `--kit` names another) in its own subprocess, so its peak memory is
+its own; warm-up steps are discarded and the median of the rest is reported, with the step's FLOPs counted by
+`FlopCounterMode`. The plot (drawn with PIL) shows ms/step and peak memory against pairs per step, one line per
+resolution.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 import torch
 from common import base_parser, default_out, device_description, peak_bf16_flops, run_case, throughput, write_result
-from levers import measure
+from kits import KITS
+from levers import DEFAULT, measure
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
@@ -65,7 +68,7 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: di
         draw.text((plot[0] + 8, plot[1] + 6 + 14 * index), label, fill=color, font=font)
 
 
-def plot(rows: list[dict[str, Any]], path: str, device: str) -> None:
+def plot(rows: list[dict[str, Any]], path: str, device: str, kit: str = "tiny SD kit") -> None:
     """ms/step and peak memory (CUDA's allocator on a GPU, else resident) against pairs per step, one line per
     resolution, side by side, as a PNG."""
     memory_key, memory_title = ("peak_cuda_mib", "peak CUDA memory") if "peak_cuda_mib" in rows[0] else (
@@ -77,7 +80,7 @@ def plot(rows: list[dict[str, Any]], path: str, device: str) -> None:
 
     image = Image.new("RGB", (960, 420), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 400), f"LoRA Diffusion-DPO step, tiny SD kit, {device}; median after warm-up", fill="black")
+    draw.text((10, 400), f"LoRA Diffusion-DPO step, {kit}, {device}; median after warm-up", fill="black")
     _panel(draw, (0, 0, 480, 395), series("ms_per_step"), "ms per optimizer step (log-log)", "ms")
     _panel(draw, (480, 0, 960, 395), series(memory_key), f"{memory_title} (log-log)", "MiB")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -85,15 +88,19 @@ def plot(rows: list[dict[str, Any]], path: str, device: str) -> None:
     print(f"wrote {path}")
 
 
-def measure_cell(pairs: int, resolution: int, steps: int, warmup: int) -> dict[str, Any]:
-    """The levers benchmark's default case at `pairs` pairs per step and `resolution` px."""
-    return {"pairs": pairs, "resolution": resolution, **measure("default", pairs, steps, warmup, resolution, None, {})}
+def measure_cell(pairs: int, resolution: int, steps: int, warmup: int, kit: str, precision: str) -> dict[str, Any]:
+    """The levers benchmark's default case of `kit` at `pairs` pairs per step and `resolution` px."""
+    overrides = {**DEFAULT, "mixed_precision": precision}
+    row = measure("default", pairs, steps, warmup, resolution, kit, overrides)
+    return {"pairs": pairs, "resolution": resolution, **row}
 
 
 def main() -> None:
     parser = base_parser(__doc__, "A 2x2 grid (1 and 4 pairs, 32 and 64 px), fewer steps.", 6, "sweep_<device>.json")
     parser.add_argument("--pairs", type=int, nargs="+", default=[1, 2, 4, 8], help="Pairs per step to sweep.")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128], help="Resolutions to sweep.")
+    parser.add_argument("--kit", choices=sorted(KITS), default="tiny", help="The models (see kits.py).")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="Autocast dtype (GPU: bf16).")
     parser.add_argument("--plot", default=None, help="PNG; default: docs/performance_sweep.png (quick: results/).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,20 +109,22 @@ def main() -> None:
     rows = []
     for resolution in resolutions:
         for count in pairs:
-            row = run_case(args.threads, measure_cell, count, resolution, steps, args.warmup)
+            row = run_case(
+                args.threads, measure_cell, count, resolution, steps, args.warmup, args.kit, args.mixed_precision
+            )
             row.update(throughput(row["step_flops"], row["ms_per_step"], peak))
             rows.append(row)
             print(f"{count} pairs, {resolution} px: {row['ms_per_step']} ms/step, {row['peak_rss_mib']} MiB peak, "
                   f"{row['achieved_gflops_per_s']} GFLOP/s", flush=True)  # fmt: skip
     settings = {"pairs": pairs, "resolutions": resolutions, "steps": steps, "warmup": args.warmup,
-                "model": "tiny SD (testing.tiny_sd_pipeline)", "objective": "DPO, LoRA r8, cache_latents",
-                "quick": args.quick}  # fmt: skip
+                "model": KITS[args.kit][0], "objective": "DPO, LoRA r8, cache_latents",
+                "mixed_precision": args.mixed_precision, "quick": args.quick}  # fmt: skip
     out = args.out or default_out("sweep", args.quick)
     write_result(out, settings, rows, args.threads)
     default_plot = (
         Path(out).with_suffix(".png") if args.quick else Path(__file__).parents[1] / "docs" / "performance_sweep.png"
     )
-    plot(rows, args.plot or str(default_plot), device_description(args.threads))
+    plot(rows, args.plot or str(default_plot), device_description(args.threads), KITS[args.kit][0])
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_pref_trainers import DiffusionDPOTrainer
-from diffusion_pref_trainers.testing import tiny_sd_pipeline
+from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd_pipeline
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the scripts import each other by file name
 import common  # noqa: E402
 import kits  # noqa: E402
 import levers  # noqa: E402
+import step_time  # noqa: E402
 
 
 def test_summarize_drops_warmup_and_takes_the_median() -> None:
@@ -75,3 +76,27 @@ def test_pooled_runs_take_the_median_of_all_steps_and_the_largest_memory() -> No
     row = common.pool(runs, pairs=2)  # steps 100 200 250 300 400: median 250 ms -> 8 pairs/s
     assert (row["ms_per_step"], row["pairs_per_s"], row["min_ms_per_step"]) == (250.0, 8.0, 100.0)
     assert (row["steps_timed"], row["runs"], row["peak_rss_mib"], row["model_step_mib"]) == (5, 2, 610.0, 90.0)
+
+
+def test_full_size_kits_have_the_published_parameter_counts() -> None:
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    unet, vae, text_encoder = kits.sd15_shaped_models(1, "meta")
+    assert (count(unet), count(vae), count(text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
+    unet, vae, text_encoder, text_encoder_2 = kits.sdxl_shaped_models(1, "meta")
+    assert (count(unet), count(text_encoder_2)) == (2_567_463_684, 694_659_840)  # SDXL base 1.0's UNet, OpenCLIP bigG
+    assert count(vae) == 83_653_863 and vae.config.scaling_factor == 0.13025 and count(text_encoder) == 123_060_480
+
+
+def test_sdxl_shaped_kit_trains_with_the_sdxl_family(make_config) -> None:
+    pipe = kits.sdxl_shaped_pipeline(8)
+    config = make_config(resolution=64, per_device_train_batch_size=2, max_steps=2)
+    trainer = DiffusionDPOTrainer(pipe, config, make_preference_dataset(4, size=64))
+    assert trainer.family.name == "stable-diffusion-xl"
+    trainer.train()
+    lora_b = [p for name, p in pipe.unet.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: the steps changed it
+
+
+def test_baseline_step_runs_with_bf16_autocast() -> None:
+    times = step_time._baseline_times("tiny", pairs=2, steps=2, resolution=32, precision="bf16")
+    assert len(times) == 2 and all(t > 0 for t in times)
