@@ -43,7 +43,11 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[RowKey]]):
 
 
 class Loaders:
-    """A trainer's data loaders: one kept per role (shuffled training, ordered evaluation) until `close`."""
+    """A trainer's data loaders: one kept per role (shuffled training, ordered evaluation) until `close`.
+
+    A kept loader has one iterator: a new epoch of a role ends the previous one, while evaluation during training
+    reads through its own loader.
+    """
 
     def __init__(self, args: DiffusionTrainingConfig, accelerator: Accelerator) -> None:
         self.seed, self.rank, self.world = args.seed, accelerator.process_index, accelerator.num_processes
