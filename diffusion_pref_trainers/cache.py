@@ -34,6 +34,7 @@ from diffusion_pref_trainers.data import (
     BadImageError,
     PreferenceDataset,
     RowProcessor,
+    RowsDataset,
     StreamingPreferenceDataset,
     collate,
     row_seed,
@@ -216,7 +217,7 @@ def _features(template: dict[str, np.ndarray], labelled: bool) -> datasets.Featu
     return datasets.Features(features)
 
 
-class CachedPreferenceDataset(torch.utils.data.Dataset):
+class CachedPreferenceDataset(RowsDataset):
     """Rows read from the cache: latents, conditioning and extras in place of pixels, same indices and flips.
 
     A row whose images could not be decoded is replaced by the next readable one and counted in `bad_rows`, as
@@ -235,33 +236,26 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         self.rows, self.readable = rows.with_format("torch"), rows.data.column("readable").to_pylist()
         self.processor, self.seed, self.skip_bad_images = processor, seed, skip_bad_images
         self.cond_dtype, self.cache_file = cond_dtype, cache_file
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        for offset in range(len(self)):
-            row_index = (index + offset) % len(self)
-            if not self.readable[row_index]:
-                if not self.skip_bad_images:
-                    raise BadImageError(f"Row {row_index}: cannot read its image (found when the cache was built).")
-                logger.warning("Skipping row %d: cannot read its image.", row_index)
-                continue
-            row = self.rows[row_index]
-            side = int(self.processor.draw_flip(random.Random(row_seed(self.seed, self.epoch, row_index))))
-            item = {
-                "prompt": row["prompt"],
-                "latents": row["latents"][side],
-                "original_sizes": row["original_sizes"],
-                "crop_top_lefts": row["crop_top_lefts"][side],
-                "bad_rows": offset,
-            }
-            cond = {key[len(COND) :]: value.to(self.cond_dtype) for key, value in row.items() if key.startswith(COND)}
-            if cond:
-                item["cond"] = cond
-            item.update({key[len(EXTRA) :]: value[side] for key, value in row.items() if key.startswith(EXTRA)})
-            if "label" in row:
-                item["label"] = bool(row["label"])
-            return item
-        raise BadImageError("No row of the dataset has readable images.")
+    def read(self, row: int, epoch: int) -> dict[str, Any]:
+        """The row's stored entries in the orientation its (seed, epoch, row) flip draw picks."""
+        if not self.readable[row]:
+            raise OSError("found when the cache was built")
+        stored = self.rows[row]
+        side = int(self.processor.draw_flip(random.Random(row_seed(self.seed, epoch, row))))
+        item = {
+            "prompt": stored["prompt"],
+            "latents": stored["latents"][side],
+            "original_sizes": stored["original_sizes"],
+            "crop_top_lefts": stored["crop_top_lefts"][side],
+        }
+        cond = {key[len(COND) :]: value.to(self.cond_dtype) for key, value in stored.items() if key.startswith(COND)}
+        if cond:
+            item["cond"] = cond
+        item.update({key[len(EXTRA) :]: value[side] for key, value in stored.items() if key.startswith(EXTRA)})
+        if "label" in stored:
+            item["label"] = bool(stored["label"])
+        return item

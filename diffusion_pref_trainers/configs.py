@@ -221,7 +221,9 @@ class DiffusionTrainingConfig:
         "Needs `use_lora`; prompt conditioning then cannot be cached.",
         False,
     )
-    dataloader_num_workers: int = _help("Worker processes decoding images.", 0)
+    dataloader_num_workers: int = _help(
+        "Worker processes decoding images, started once per run (every epoch for a streamed dataset).", 0
+    )
     push_to_hub: bool = _help(
         "Push the final adapter, model card and sample grid to the Hub at the end of `train()`.", False
     )

@@ -15,13 +15,14 @@ exactly the pixels the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import logging
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
@@ -277,8 +278,47 @@ class RowProcessor:
         }
 
 
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Map-style view of a `datasets.Dataset`; unreadable rows are replaced by the next readable one."""
+class RowKey(NamedTuple):
+    """A map-style row with the epoch it is read in, which seeds the row's crop, flip and blanked prompt."""
+
+    epoch: int
+    row: int
+
+
+class RowsDataset(torch.utils.data.Dataset, abc.ABC):
+    """Map-style rows read by `RowKey` (a plain index reads epoch 0); an unreadable row is replaced by the next one.
+
+    The epoch travels in the key, not in an attribute, so data-loader workers kept across epochs see it.
+    """
+
+    skip_bad_images: bool
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Rows, readable or not."""
+
+    @abc.abstractmethod
+    def read(self, row: int, epoch: int) -> dict[str, Any]:
+        """One row's item in one epoch; raises one of `DECODE_ERRORS` when its images cannot be read."""
+
+    def __getitem__(self, key: int | RowKey) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        for offset in range(len(self)):
+            row = (index + offset) % len(self)
+            try:
+                item = self.read(row, epoch)
+            except DECODE_ERRORS as error:
+                if not self.skip_bad_images:
+                    raise BadImageError(f"Row {row}: cannot read its image ({error}).") from error
+                logger.warning("Skipping row %d: cannot read its image (%s).", row, error)
+                continue
+            item["bad_rows"] = offset
+            return item
+        raise BadImageError("No row of the dataset has readable images.")
+
+
+class PreferenceDataset(RowsDataset):
+    """Map-style view of a `datasets.Dataset`, each row decoded and transformed when read."""
 
     def __init__(self, dataset: datasets.Dataset, processor: RowProcessor, seed: int, skip_bad_images: bool = True):
         if len(dataset) == 0:
@@ -289,28 +329,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
             seed,
             skip_bad_images,
         )
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        for offset in range(len(self.dataset)):
-            row_index = (index + offset) % len(self.dataset)
-            try:
-                item = self.processor(self.dataset[row_index], row_seed(self.seed, self.epoch, row_index))
-            except DECODE_ERRORS as error:
-                if not self.skip_bad_images:
-                    raise BadImageError(f"Row {row_index}: cannot read its image ({error}).") from error
-                logger.warning("Skipping row %d: cannot read its image (%s).", row_index, error)
-                continue
-            item["bad_rows"] = offset
-            return item
-        raise BadImageError("No row of the dataset has readable images.")
+    def read(self, row: int, epoch: int) -> dict[str, Any]:
+        """The row decoded and transformed with its (seed, epoch, row) draws."""
+        return self.processor(self.dataset[row], row_seed(self.seed, epoch, row))
 
 
 class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
-    """Iterable view of a streaming `datasets.IterableDataset`; unreadable rows are skipped and counted."""
+    """Iterable view of a streaming `datasets.IterableDataset`; unreadable rows are skipped and counted.
+
+    `epoch` is read when an iteration starts, so it must be set before a data loader copies the dataset into its
+    workers: the trainer gives a stream a fresh loader every epoch (see `diffusion_pref_trainers.loader`).
+    """
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ from diffusion_pref_trainers import (
     DiffusionSFTTrainer,
 )
 from diffusion_pref_trainers.cache import CachedPreferenceDataset
-from diffusion_pref_trainers.data import BadImageError, PreferenceDataset, row_seed
+from diffusion_pref_trainers.data import BadImageError, PreferenceDataset, RowKey, row_seed
 from diffusion_pref_trainers.families.sd import StableDiffusionFamily
 from diffusion_pref_trainers.similarity import ClipEmbedder
 from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd_pipeline
@@ -140,10 +140,9 @@ def test_random_flip_stores_both_orientations_and_replays_each_epochs_flip(tmp_p
     assert stored.shape[0] == 2 and not torch.allclose(stored[0], stored[1])  # both orientations
     flips = set()
     for epoch in range(3):
-        cached.train_dataset.epoch = plain.train_dataset.epoch = epoch
         for index in range(len(wide)):
             flips.add(cached.train_dataset.processor.draw_flip(random.Random(row_seed(cached.args.seed, epoch, index))))
-            ours, theirs = cached.train_dataset[index], plain.train_dataset[index]
+            ours, theirs = cached.train_dataset[RowKey(epoch, index)], plain.train_dataset[RowKey(epoch, index)]
             with torch.no_grad():
                 expected = plain.family.encode_images(theirs["pixel_values"])
             torch.testing.assert_close(ours["latents"], expected, rtol=0, atol=1e-5)

@@ -160,8 +160,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(pair
         (6, dict(max_steps=4, save_steps=2, gradient_accumulation_steps=2), 2),
         # Full fine-tuning: the whole denoiser and its optimizer state go through the checkpoint.
         (8, dict(max_steps=4, save_steps=2, use_lora=False, learning_rate=1e-4), 2),
+        # A worker process kept across epochs reads the rows: resumed mid-epoch, then into the next epoch.
+        (8, dict(max_steps=6, save_steps=3, dataloader_num_workers=1), 3),
     ],
-    ids=["schedule", "accumulation", "full"],
+    ids=["schedule", "accumulation", "full", "workers"],
 )
 def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, rows, settings, stop) -> None:
     # 40 px images with random crops and flips: a resumed run must restore data order, augmentation, noise,

@@ -17,6 +17,7 @@ from diffusion_pref_trainers.data import (
     BadImageError,
     ImageTransform,
     PreferenceDataset,
+    RowKey,
     RowProcessor,
     StreamingPreferenceDataset,
     apply_column_mapping,
@@ -355,12 +356,10 @@ def test_proportion_empty_prompts_blanks_a_seeded_share_of_training_prompts_only
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(proportion_empty_prompts=0.5), pairs, pairs)
     blanked = []
     for epoch in range(8):
-        trainer.train_dataset.epoch = epoch
-        blanked += [trainer.train_dataset[index]["prompt"] == "" for index in range(len(pairs))]
+        blanked += [trainer.train_dataset[RowKey(epoch, index)]["prompt"] == "" for index in range(len(pairs))]
     assert 0.3 < sum(blanked) / len(blanked) < 0.7  # 64 seeded draws of probability 0.5
     again = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(proportion_empty_prompts=0.5), pairs)
-    again.train_dataset.epoch = 7
-    assert [again.train_dataset[i]["prompt"] == "" for i in range(len(pairs))] == blanked[-len(pairs) :]
+    assert [again.train_dataset[RowKey(7, i)]["prompt"] == "" for i in range(len(pairs))] == blanked[-len(pairs) :]
     assert [trainer.eval_dataset[i]["prompt"] for i in range(len(pairs))] == pairs["prompt"]
     everything = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(proportion_empty_prompts=1.0), pairs)
     assert all(everything.train_dataset[i]["prompt"] == "" for i in range(len(pairs)))

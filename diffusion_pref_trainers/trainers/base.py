@@ -36,13 +36,13 @@ from diffusion_pref_trainers.data import (
     RowProcessor,
     StreamingPreferenceDataset,
     apply_column_mapping,
-    collate,
     decode_images_lazily,
     detect_schema,
     drop_ties,
     row_seed,
 )
 from diffusion_pref_trainers.families import get_family
+from diffusion_pref_trainers.loader import Loaders
 from diffusion_pref_trainers.optim import build_optimizer, build_scheduler
 from diffusion_pref_trainers.sources import load_pipeline, load_preference_dataset
 from diffusion_pref_trainers.state import TrainerCallback, TrainerState
@@ -93,6 +93,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             project_dir=self.args.output_dir,
         )
         set_seed(self.args.seed)
+        self._loaders = Loaders(self.args, self.accelerator)
         self.weight_dtype = WEIGHT_DTYPES[self.args.mixed_precision]
 
         self.pipe = load_pipeline(model)
@@ -343,32 +344,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
     def _batches(self, dataset: torch.utils.data.Dataset, batch_size: int, epoch: int, *, shuffle: bool,
                  skip: int = 0) -> Iterator[dict[str, Any]]:  # fmt: skip
         """This process's batches of one epoch, in an order fixed by (seed, epoch); `skip` resumes mid-epoch."""
-        dataset.epoch = epoch
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        loader_kwargs = dict(
-            collate_fn=collate,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.accelerator.device.type == "cuda",
-        )
-        if isinstance(dataset, StreamingPreferenceDataset):  # already this process's share (see `_wrap_dataset`)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=shuffle, **loader_kwargs)
-            iterator = iter(loader)
-            for _ in range(skip):
-                next(iterator, None)
-            yield from iterator
-            return
-        order = torch.arange(len(dataset))
-        if shuffle:
-            order = torch.randperm(
-                len(dataset), generator=torch.Generator().manual_seed(row_seed(self.args.seed, epoch, -1))
-            )
-        order = order[: len(order) // world * world][rank::world].tolist()
-        if shuffle:
-            batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        else:
-            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        if batches[skip:]:
-            yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], **loader_kwargs)
+        return self._loaders.batches(dataset, batch_size, epoch, shuffle=shuffle, skip=skip)
 
     def _batches_per_epoch(self) -> int | None:
         """Micro-batches per epoch on each process (None for streaming data of unknown length)."""
@@ -446,6 +422,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self.encoder_offload.restore()  # the pipeline renders with them
         if self.eval_dataset is not None and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
             self._log(self.evaluate())
+        self._loaders.close()  # the run's loaders, kept across epochs, and their workers end with it
         self._wait_for_push()
         self.save_model()
         if args.validation_prompts and self.accelerator.is_main_process:
