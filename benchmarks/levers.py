@@ -6,7 +6,8 @@
 
 The `default` case is the library's defaults plus `cache_latents=True`; every other case flips one switch
 (`cache_latents` off, `gradient_checkpointing`, `channels_last`, `torch_compile`, 8-bit AdamW, bf16 autocast,
-full fine-tuning with AdamW and with 8-bit AdamW, where the optimizer state is the denoiser's size);
+full fine-tuning with AdamW and with 8-bit AdamW, where the optimizer state is the denoiser's size; the idle
+encoders kept on the accelerator, `offload_cached_encoders=False`);
 `no_cache_latents_workers2` decodes the images in 2 data-loader workers (compare it with `no_cache_latents`, where
 the training process decodes them). `--cases` measures only the named cases (and `default`, the reference).
 Each case runs in its own subprocess (its own peak memory): `warmup` optimizer steps are discarded (they
@@ -48,6 +49,7 @@ CASES: dict[str, dict[str, Any]] = {
     "channels_last": {"channels_last": True},
     "torch_compile": {"torch_compile": True},
     "adamw_8bit": {"optim": "adamw_8bit"},
+    "no_offload": {"offload_cached_encoders": False},
     "full_finetune": {"use_lora": False},
     "full_finetune_adamw_8bit": {"use_lora": False, "optim": "adamw_8bit"},
     "bf16": {"mixed_precision": "bf16"},
@@ -61,6 +63,8 @@ def skip_reason(name: str, quick: bool, precision: str) -> str | None:
         return "every case runs bf16 (--mixed-precision bf16)"
     if name in ("adamw_8bit", "full_finetune_adamw_8bit") and not cuda:
         return "8-bit AdamW saves optimizer-state memory, too little here to show in RSS: measured on GPUs only"
+    if name == "no_offload" and not cuda:
+        return "offloading the cached encoders moves them from the CPU to the CPU: measured on GPUs only"
     if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
     if name == "torch_compile" and quick and not cuda:

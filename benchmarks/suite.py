@@ -36,9 +36,9 @@ PARTS = {
 FULL_SIZE_PARTS = {
     "objectives_sd15_512": ["step_time.py", "--kit", "sd15", "--pairs", "4", "--mixed-precision", "bf16"],
     "levers_sd15_512": ["levers.py", "--kit", "sd15", "--mixed-precision", "bf16", "--cases", "gradient_checkpointing",
-                        "channels_last", "full_finetune", "full_finetune_adamw_8bit"],
+                        "channels_last", "no_offload", "full_finetune", "full_finetune_adamw_8bit"],
     "levers_sdxl_1024": ["levers.py", "--kit", "sdxl", "--mixed-precision", "bf16", "--cases",
-                         "gradient_checkpointing", "--steps", "8"],
+                         "gradient_checkpointing", "no_offload", "--steps", "8"],
 }  # fmt: skip
 
 
