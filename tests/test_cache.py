@@ -20,6 +20,7 @@ from diffusion_pref_trainers import (
     DiffusionRPOTrainer,
     DiffusionSFTConfig,
     DiffusionSFTTrainer,
+    cache,
 )
 from diffusion_pref_trainers.cache import CachedPreferenceDataset
 from diffusion_pref_trainers.data import BadImageError, PreferenceDataset, RowKey, row_seed
@@ -220,3 +221,37 @@ def test_rpo_text_similarity_with_the_pipeline_encoder_caches_text_embeddings(tm
     assert trainer.train_dataset[0]["clip_text"].dim() == 1
     monkeypatch.setattr(trainer.embedder, "embed_text", _refuse)
     trainer.train()
+
+
+def test_arrow_rows_read_what_the_torch_formatter_reads_across_chunks() -> None:
+    rng = np.random.default_rng(0)
+    template = {
+        "latents": rng.standard_normal((2, 2, 4, 3, 3)).astype(np.float32),  # 5-D: orientations x images x C x H x W
+        "cond/encoder_hidden_states": rng.standard_normal((7, 5)).astype(np.float32),
+        "extra/clip_text": rng.standard_normal(6).astype(np.float32),  # 1-D: a fixed-length list
+        "crop_top_lefts": rng.integers(0, 9, (2, 2, 2)),
+    }
+    features = cache._features(template, labelled=True)
+
+    def draw(value: np.ndarray) -> np.ndarray:
+        """A new array of the template's shape and dtype."""
+        if value.dtype == np.float32:
+            return rng.standard_normal(value.shape).astype(np.float32)
+        return rng.integers(0, 9, value.shape)
+
+    def part(start: int, rows: int) -> datasets.Dataset:
+        """Rows start..start+rows-1 as one Arrow chunk."""
+        columns = {key: [draw(value) for _ in range(rows)] for key, value in template.items()}
+        indices = range(start, start + rows)
+        columns.update(prompt=[f"p{i}" for i in indices], readable=[True] * rows, label=[i % 2 == 0 for i in indices])
+        return datasets.Dataset.from_dict(columns, features=features)
+
+    rows = datasets.concatenate_datasets([part(0, 3), part(3, 4)])
+    assert rows.data.table.column("latents").num_chunks == 2
+    reader, formatted = cache.ArrowRows(rows), rows.with_format("torch")
+    assert len(reader) == 7
+    for index in range(7):
+        got, want = reader[index], formatted[index]
+        assert got.keys() == want.keys() and got["prompt"] == f"p{index}" and got["label"] == (index % 2 == 0)
+        for key in template:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (index, key)
