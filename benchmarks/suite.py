@@ -1,5 +1,6 @@
 """The benchmark suite in one command: every objective against the straightforward baseline (on the tiny kit and
-on the SD1.5-shaped kit), every model family's DPO step, and every speed lever; a table per part and one JSON.
+on the SD1.5-shaped kit), every model family's DPO step, every speed lever and the cached-row read; a table per part and
+one JSON.
 
     python benchmarks/suite.py --quick    # CI-sized: 6 steps a case, no torch.compile on CPU
     python benchmarks/suite.py            # 12 steps a case, and levers.py's torch.compile case (minutes on a CPU)
@@ -29,6 +30,7 @@ PARTS = {
     "objectives_sd15_shaped": ["step_time.py", "--kit", "sd15_shaped"],
     "families": ["family_step_time.py"],
     "levers": ["levers.py"],
+    "cache_read": ["cache_read.py"],
 }
 # The issue's GPU targets, on the full-size architectures with random weights (kits.py), bf16 autocast: SD1.5 LoRA
 # DPO at 512 px against the baseline (speed, memory) and its levers (MFU, 8-bit AdamW with full fine-tuning);
