@@ -5,7 +5,8 @@
         [--out benchmarks/results/levers_<cpu|cuda>.json]
 
 The `default` case is the library's defaults plus `cache_latents=True`; every other case flips one switch
-(`cache_latents` off, `gradient_checkpointing`, `channels_last`, `torch_compile`, 8-bit AdamW, bf16 autocast,
+(`cache_latents` off, `gradient_checkpointing`, `channels_last`, unfused attention instead of SDPA,
+`torch_compile`, 8-bit AdamW, bf16 autocast,
 full fine-tuning with AdamW and with 8-bit AdamW, where the optimizer state is the denoiser's size; the idle
 encoders kept on the accelerator, `offload_cached_encoders=False`);
 `no_cache_latents_workers2` decodes the images in 2 data-loader workers (compare it with `no_cache_latents`, where
@@ -47,6 +48,7 @@ CASES: dict[str, dict[str, Any]] = {
     "no_cache_latents_workers2": {"cache_latents": False, "dataloader_num_workers": 2},
     "gradient_checkpointing": {"gradient_checkpointing": True},
     "channels_last": {"channels_last": True},
+    "attention_eager": {"attention_backend": "eager"},
     "torch_compile": {"torch_compile": True},
     "adamw_8bit": {"optim": "adamw_8bit"},
     "no_offload": {"offload_cached_encoders": False},

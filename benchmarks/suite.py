@@ -38,7 +38,7 @@ PARTS = {
 FULL_SIZE_PARTS = {
     "objectives_sd15_512": ["step_time.py", "--kit", "sd15", "--pairs", "4", "--mixed-precision", "bf16"],
     "levers_sd15_512": ["levers.py", "--kit", "sd15", "--mixed-precision", "bf16", "--cases", "gradient_checkpointing",
-                        "channels_last", "no_offload", "full_finetune", "full_finetune_adamw_8bit"],
+                        "channels_last", "attention_eager", "no_offload", "full_finetune", "full_finetune_adamw_8bit"],
     "levers_sdxl_1024": ["levers.py", "--kit", "sdxl", "--mixed-precision", "bf16", "--cases",
                          "gradient_checkpointing", "no_offload", "--steps", "8"],
 }  # fmt: skip

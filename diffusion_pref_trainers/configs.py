@@ -55,6 +55,14 @@ def _torch_compile_backends() -> tuple[str, ...]:
     return tuple(list_backends(exclude_tags=()))
 
 
+def _attention_backends() -> tuple[str, ...]:
+    """'sdpa', 'eager' and the attention backends of the installed diffusers' dispatcher (they change between
+    releases)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return ("sdpa", "eager", *(backend.value for backend in AttentionBackendName))
+
+
 def _torch_compile_modes() -> tuple[str, ...]:
     """The torch.compile (inductor) modes the installed torch accepts."""
     from torch._inductor import list_mode_options
@@ -102,6 +110,14 @@ class DiffusionTrainingConfig:
         "Only meaningful for convolutional UNets (SD, SDXL); transformer denoisers (SD3, FLUX) have few or no 2-D "
         "convolutions, so it changes next to nothing there. See docs/performance.md for when it pays off.",
         False,
+    )
+    attention_backend: str = _help(
+        "The denoiser's attention kernel. 'sdpa': diffusers' default processors, PyTorch's fused "
+        "scaled_dot_product_attention. 'eager': attention as explicit matmul + softmax (diffusers' `AttnProcessor`), "
+        "which keeps the whole attention matrix: the unfused reference SDPA is measured against (SD, SDXL UNets). "
+        "Any other name goes to diffusers' `set_attention_backend` ('flash', '_native_cudnn', 'sage', ...; some "
+        "need their package), which only denoisers with dispatching attention honour (FLUX).",
+        "sdpa",
     )
     torch_compile: bool = _help(
         "Compile the denoiser's forward with torch.compile (`Module.compile`, after LoRA is attached; the module, its "
@@ -374,6 +390,7 @@ class DiffusionTrainingConfig:
             self.max_sequence_length is None or self.max_sequence_length >= 1,
             f"`max_sequence_length` must be None (the pipeline's default) or >= 1, got {self.max_sequence_length}.",
         )
+        _check_choice("attention_backend", self.attention_backend, _attention_backends())
         for name in ("torch_compile_mode", "torch_compile_backend"):
             _check(
                 getattr(self, name) is None or self.torch_compile,

@@ -1,8 +1,10 @@
-"""Opt-in speed switches applied to the prepared denoiser: channels-last memory format and `torch.compile`.
+"""Opt-in speed switches applied to the prepared denoiser: the attention kernel, channels-last memory format and
+`torch.compile`.
 
-Both leave the module object (and so its parameters, state-dict keys, adapters and checkpoints) as it is:
-channels-last re-lays out the 4-D weights in place, and `Module.compile` compiles the module's own call.
-They run after LoRA is attached, so the compiled forward includes the adapters.
+All leave the module's parameters, state-dict keys, adapters and checkpoints as they are: the attention switch
+replaces processors (which hold no weights), channels-last re-lays out the 4-D weights in place, and
+`Module.compile` compiles the module's own call. They run after LoRA is attached, so the compiled forward
+includes the adapters.
 """
 
 from __future__ import annotations
@@ -30,9 +32,36 @@ def apply_fast_path(args: DiffusionTrainingConfig, *denoisers: nn.Module | None)
     if args.torch_compile and backend == "inductor" and on_cpu:
         logger.warning(CPU_INDUCTOR_WARNING)
     for denoiser in denoisers:
+        set_attention(denoiser, args.attention_backend)
         if args.channels_last:
             if not any(isinstance(module, nn.Conv2d) for module in denoiser.modules()):
                 logger.info("`channels_last` has no effect on %s: it has no 2-D convolutions.", type(denoiser).__name__)
             denoiser.to(memory_format=torch.channels_last)
         if args.torch_compile:
             denoiser.compile(mode=args.torch_compile_mode, backend=backend)
+
+
+def set_attention(denoiser: nn.Module, backend: str) -> None:
+    """'sdpa' keeps diffusers' processors; 'eager' gives a UNet unfused matmul + softmax attention; any other name is
+    a backend of diffusers' attention dispatcher, refused for denoisers whose attention does not dispatch."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import AttnProcessor
+
+    name = type(denoiser).__name__
+    if backend == "sdpa":
+        return
+    if backend == "eager":
+        if not isinstance(denoiser, UNet2DConditionModel):
+            raise ValueError(
+                f"attention_backend='eager' swaps in diffusers' `AttnProcessor`, made for UNets (SD, SDXL), not "
+                f"{name}: use 'sdpa', or a dispatcher backend such as '_native_math' where the denoiser dispatches."
+            )
+        denoiser.set_attn_processor(AttnProcessor())
+        return
+    if not any(isinstance(module, AttentionModuleMixin) for module in denoiser.modules()):
+        raise ValueError(
+            f"attention_backend={backend!r} is a backend of diffusers' attention dispatcher, and {name}'s attention "
+            "calls PyTorch's SDPA directly, so it would be ignored: use 'sdpa' (or 'eager' for a UNet)."
+        )
+    denoiser.set_attention_backend(backend)

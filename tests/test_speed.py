@@ -11,7 +11,12 @@ from peft.utils import get_peft_model_state_dict
 
 from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, speed
 from diffusion_pref_trainers.data import collate
-from diffusion_pref_trainers.testing import tiny_sd_pipeline
+from diffusion_pref_trainers.testing import (
+    make_preference_dataset,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+)
 
 LOGGED = ("loss", "model_loss/chosen", "model_loss/rejected", "grad_norm")
 # Inductor generates and compiles C++ kernels: 2 tiny DPO steps took 248 s on this project's CPU machine (1 thread).
@@ -121,3 +126,45 @@ def test_inductor_compiled_denoiser_trains_to_the_same_losses(pairs, make_config
 def test_bad_compile_settings_fail_at_config_time(tmp_path, overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
         DiffusionDPOConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_eager_attention_swaps_the_unet_processors_and_trains_like_sdpa(pairs, make_config) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    ref_logs, ref_update, ref = _train(pairs, make_config)
+    logs, update, eager = _train(pairs, make_config, attention_backend="eager")
+    assert {type(p) for p in ref.family.denoiser.attn_processors.values()} == {AttnProcessor2_0}
+    assert {type(p) for p in eager.family.denoiser.attn_processors.values()} == {AttnProcessor}
+    _assert_same_training(logs, update, ref_logs, ref_update, rtol=1e-4)  # the same attention, summed otherwise
+
+
+def test_dispatcher_backend_reaches_flux_attention_and_keeps_its_outputs(tmp_path) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    errors, trainers = [], []
+    for backend in ("sdpa", "_native_math"):
+        args = DiffusionDPOConfig(output_dir=str(tmp_path / backend), resolution=32, per_device_train_batch_size=2,
+                                  attention_backend=backend, max_sequence_length=8)  # fmt: skip
+        trainers.append(DiffusionDPOTrainer(tiny_flux_pipeline(), args, make_preference_dataset(2)))
+        batch = collate([trainers[-1].train_dataset[i] for i in range(2)])
+        errors.append(trainers[-1].denoising_errors(batch, torch.Generator().manual_seed(0), with_grad=False))
+    default, dispatched = (trainer.family.denoiser.attn_processors.values() for trainer in trainers)
+    assert {p._attention_backend for p in default} == {None}  # diffusers' default: SDPA
+    assert {p._attention_backend for p in dispatched} == {AttentionBackendName._NATIVE_MATH}
+    for got, expected in zip(errors[1], errors[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "builder,backend,message",
+    [(tiny_sd3_pipeline, "eager", "made for UNets"), (tiny_sd_pipeline, "_native_math", "calls PyTorch's SDPA")],
+)
+def test_attention_backends_a_denoiser_would_ignore_are_refused_before_training(tmp_path, builder, backend, message):
+    args = DiffusionDPOConfig(output_dir=str(tmp_path), resolution=32, attention_backend=backend)
+    with pytest.raises(ValueError, match=message):
+        DiffusionDPOTrainer(builder(), args, make_preference_dataset(2))
+
+
+def test_unknown_attention_backend_fails_at_config_time(tmp_path) -> None:
+    with pytest.raises(ValueError, match="attention_backend='fused'.*choose one of sdpa, eager, flash"):
+        DiffusionDPOConfig(output_dir=str(tmp_path), attention_backend="fused")
