@@ -221,25 +221,30 @@ def _features(template: dict[str, np.ndarray], labelled: bool) -> datasets.Featu
 class ArrowRows:
     """Rows of a cache file as tensors, read straight from its memory-mapped Arrow table.
 
-    `datasets`' torch formatting of one row of fixed-shape arrays costs ~3 ms in Python (measured on the benchmark
-    kits), a tenth of a small training step; here each array column is one zero-copy view of its values, reshaped to
-    the column's feature shape and copied once into a tensor (~0.3 ms a row). Values and dtypes are the formatter's.
+    `datasets`' torch formatting converts a row of fixed-shape arrays element by element in Python; here each array
+    column is one zero-copy view of its values, reshaped to the column's feature shape and copied once into a
+    tensor: 0.30 ms against 0.89 ms for a full-size SD1.5 row (`benchmarks/cache_read.py`). Arrays come out with
+    the formatter's values and dtypes, scalar columns (prompt, label) as Python values. It pickles as the file's
+    path (datasets' memory-mapped table), not its bytes, so loader workers map the file themselves.
     """
 
     def __init__(self, rows: datasets.Dataset) -> None:
-        self.table = rows.data.table
-        self.chunk_starts = np.cumsum([0, *(len(chunk) for chunk in self.table.column(0).chunks)])
+        if rows._indices is not None:  # a cache file is read whole; a selection would remap its rows
+            raise ValueError("ArrowRows reads a cache file's rows in storage order: pass the unselected dataset.")
+        self.data = rows.data
+        self.chunk_starts = np.cumsum([0, *(len(chunk) for chunk in self.data.table.column(0).chunks)])
         self.shapes = {name: _feature_shape(feature) for name, feature in rows.features.items()}
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return self.data.num_rows
 
     def __getitem__(self, row: int) -> dict[str, Any]:
         chunk = int(np.searchsorted(self.chunk_starts, row, side="right")) - 1
         offset = row - int(self.chunk_starts[chunk])
-        out = {}
+        table = self.data.table
+        out: dict[str, Any] = {}
         for name, shape in self.shapes.items():
-            array = self.table.column(name).chunk(chunk).slice(offset, 1)
+            array = table.column(name).chunk(chunk).slice(offset, 1)
             if shape is None:
                 out[name] = array.to_pylist()[0]
                 continue

@@ -37,9 +37,18 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[RowKey]]):
             generator = torch.Generator().manual_seed(row_seed(self.seed, self.epoch, -1))
             order = torch.randperm(self.length, generator=generator)
         rows = order[: self.length // self.world * self.world][self.rank :: self.world].tolist()
-        stop = len(rows) - self.batch_size + 1 if self.shuffle else len(rows)
-        starts = range(self.skip * self.batch_size, stop, self.batch_size)
-        return iter([[RowKey(self.epoch, row) for row in rows[start : start + self.batch_size]] for start in starts])
+        batches = [rows[start : start + self.batch_size] for start in self._starts()]
+        return iter([[RowKey(self.epoch, row) for row in batch] for batch in batches])
+
+    def __len__(self) -> int:
+        """Batches left in this epoch (after `skip`)."""
+        return len(self._starts())
+
+    def _starts(self) -> range:
+        """Where this epoch's batches start in this process's share of the rows."""
+        rows = self.length // self.world
+        stop = rows - self.batch_size + 1 if self.shuffle else rows
+        return range(self.skip * self.batch_size, stop, self.batch_size)
 
 
 class Loaders:

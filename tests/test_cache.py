@@ -255,3 +255,19 @@ def test_arrow_rows_read_what_the_torch_formatter_reads_across_chunks() -> None:
         assert got.keys() == want.keys() and got["prompt"] == f"p{index}" and got["label"] == (index % 2 == 0)
         for key in template:
             assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (index, key)
+
+
+def test_arrow_rows_pickle_as_the_file_not_its_bytes(tmp_path) -> None:
+    import pickle
+
+    big = np.zeros((64, 64, 64), np.float32)  # 1 MiB a row
+    features = cache._features({"latents": big}, labelled=False)
+    columns = {"latents": [big] * 8, "prompt": ["p"] * 8, "readable": [True] * 8}
+    rows = datasets.Dataset.from_dict(columns, features=features)
+    rows.save_to_disk(str(tmp_path / "rows"))
+    reader = cache.ArrowRows(datasets.load_from_disk(str(tmp_path / "rows")))  # memory-mapped, as a cache file is
+    copy = pickle.loads(pickle.dumps(reader))
+    assert len(pickle.dumps(reader)) < 100_000  # 8 MiB of arrays stay in the file
+    assert torch.equal(copy[5]["latents"], reader[5]["latents"]) and copy[5]["latents"].shape == (64, 64, 64)
+    with pytest.raises(ValueError, match="unselected dataset"):
+        cache.ArrowRows(rows.select([3, 1]))  # non-contiguous: datasets keeps an indices mapping

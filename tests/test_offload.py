@@ -180,3 +180,24 @@ def test_a_cached_run_offloads_while_training_and_renders_its_samples_with_the_e
     assert grid.size == (LABEL_WIDTH + 2 * (32 + PADDING), HEADER_HEIGHT + 32 + PADDING)  # base and aligned, 1 row
     assert hub.SAMPLES_FILE in Path(args.output_dir, "README.md").read_text()
     assert len([entry for entry in trainer.state.log_history if "loss" in entry]) == 2
+
+
+class FailingStep(TrainerCallback):
+    """Records whether the encoders were offloaded and the loaders kept at the first step's end, then fails."""
+
+    def on_step_end(self, trainer) -> None:
+        self.during = (trainer.encoder_offload.offloaded, bool(trainer._loaders.kept))
+        raise RuntimeError("a step failed")
+
+
+def test_a_failing_step_gives_the_encoders_back_and_ends_the_loaders(tmp_path, pairs) -> None:
+    args = DiffusionDPOConfig(
+        output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=2, max_steps=2, save_steps=0,
+        cache_latents=True, cache_dir=str(tmp_path / "cache"), dataloader_num_workers=1,
+    )  # fmt: skip
+    failing = FailingStep()
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[failing])
+    with pytest.raises(RuntimeError, match="a step failed"):
+        trainer.train()
+    assert failing.during == (True, True)  # offloaded, with a kept loader (and its worker), while it trained
+    assert not trainer.encoder_offload.offloaded and not trainer._loaders.kept

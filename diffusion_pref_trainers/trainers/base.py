@@ -386,15 +386,37 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             self.accelerator.init_trackers(self.method.replace("-", "_"), config=loggable_config(args.to_dict()))
-        for callback in self.callbacks:
-            callback.on_train_begin(self)
-
-        accum = args.gradient_accumulation_steps
-        micro = self.state.global_step * accum
-        epoch, skip = (micro // per_epoch, micro % per_epoch) if per_epoch else (int(self.state.epoch), 0)
-        pending: dict[str, list[torch.Tensor]] = {}
         progress = tqdm(total=total, initial=self.state.global_step, disable=not self.accelerator.is_local_main_process)
         self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
+        try:
+            for callback in self.callbacks:
+                callback.on_train_begin(self)  # after the offload: a callback measuring memory sees the training's
+            self._run_epochs(total, per_epoch, progress)
+        finally:  # also when a step raises: the pipeline gets its encoders back, and no loader worker outlives the run
+            progress.close()
+            self.encoder_offload.restore()
+            self._loaders.close()
+        if self.eval_dataset is not None and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
+            self._log(self.evaluate())
+        self._loaders.close()  # the final evaluation's loader and workers too
+        self._wait_for_push()
+        self.save_model()
+        if args.validation_prompts and self.accelerator.is_main_process:
+            self._save_samples()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        if args.push_to_hub:
+            self.push_to_hub()
+        return self.state
+
+    def _run_epochs(self, total: int, per_epoch: int | None, progress: tqdm) -> None:
+        """Optimizer steps up to `total`, epoch after epoch, from where `state` stands (mid-epoch on resume)."""
+        args = self.args
+        micro = self.state.global_step * args.gradient_accumulation_steps
+        epoch, skip = (micro // per_epoch, micro % per_epoch) if per_epoch else (int(self.state.epoch), 0)
+        pending: dict[str, list[torch.Tensor]] = {}
         self.denoiser.train()
         while self.state.global_step < total:
             batches = 0
@@ -418,22 +440,6 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                     "(too few rows, or none readable): check the dataset and its split."
                 )
             epoch, skip = epoch + 1, 0
-        progress.close()
-        self.encoder_offload.restore()  # the pipeline renders with them
-        if self.eval_dataset is not None and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
-            self._log(self.evaluate())
-        self._loaders.close()  # the run's loaders, kept across epochs, and their workers end with it
-        self._wait_for_push()
-        self.save_model()
-        if args.validation_prompts and self.accelerator.is_main_process:
-            self._save_samples()
-        self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
-        for callback in self.callbacks:
-            callback.on_train_end(self)
-        if args.push_to_hub:
-            self.push_to_hub()
-        return self.state
 
     def _train_micro_step(self, batch: dict[str, Any], micro: int, pending: dict[str, list[torch.Tensor]]) -> None:
         """Forward, loss and backward of one micro-batch; the optimizer steps when accumulation is done."""
