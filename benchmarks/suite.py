@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import base_parser, default_out, write_result
 
@@ -48,25 +49,31 @@ def main() -> None:
     parser = base_parser(__doc__, "Every part in its quick mode (CI-sized).", out="suite_<device>.json")
     parser.add_argument("--full-size", action="store_true", help="The full-size GPU parts instead (hours on a CPU).")
     args = parser.parse_args()
+    out = args.out or default_out("suite_full_size" if args.full_size else "suite", args.quick)
     start = time.perf_counter()
-    parts, rows = {}, []
+    parts: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (script, *options) in (FULL_SIZE_PARTS if args.full_size else PARTS).items():
             print(f"\n== {name}: {script} {' '.join(options)}", flush=True)
             began = time.perf_counter()
-            out = f"{tmp}/{name}.json"
-            command = [sys.executable, str(HERE / script), *options, "--threads", str(args.threads), "--out", out]
-            subprocess.run(command + ["--quick"] * args.quick, check=True)
-            result = json.loads(Path(out).read_text())
-            parts[name] = {"settings": result["settings"], "wall_s": round(time.perf_counter() - began, 1)}
-            rows += [{"part": name, **row} for row in result["rows"]]
-    wall = round(time.perf_counter() - start, 1)
-    times = ", ".join(f"{name} {part['wall_s']} s" for name, part in parts.items())
-    print(f"\nsuite: {wall} s in all ({times})")
-    settings = {"quick": args.quick, "full_size": args.full_size, "threads": args.threads, "wall_s": wall}
-    settings["parts"] = parts
-    name = "suite_full_size" if args.full_size else "suite"
-    write_result(args.out or default_out(name, args.quick), settings, rows, args.threads)
+            part_out = f"{tmp}/{name}.json"
+            command = [sys.executable, str(HERE / script), *options, "--threads", str(args.threads), "--out", part_out]
+            code = subprocess.run(command + ["--quick"] * args.quick).returncode
+            parts[name] = {"wall_s": round(time.perf_counter() - began, 1)}
+            if code:  # e.g. out of memory: recorded, and the other parts still run
+                parts[name]["failed"] = f"exit code {code}"
+            else:
+                result = json.loads(Path(part_out).read_text())
+                parts[name]["settings"] = result["settings"]
+                rows += [{"part": name, **row} for row in result["rows"]]
+            # Written after every part, so that a run stopped midway keeps what it measured.
+            settings = {"quick": args.quick, "full_size": args.full_size, "threads": args.threads, "parts": parts}
+            write_result(out, {**settings, "wall_s": round(time.perf_counter() - start, 1)}, rows, args.threads)
+    times = ", ".join(f"{name} {part['wall_s']} s" + " (failed)" * ("failed" in part) for name, part in parts.items())
+    print(f"\nsuite: {round(time.perf_counter() - start, 1)} s in all ({times})")
+    if any("failed" in part for part in parts.values()):
+        sys.exit("some parts failed: see their output above")
 
 
 if __name__ == "__main__":
