@@ -210,7 +210,8 @@ class DiffusionTrainingConfig:
     offload_cached_encoders: bool = _help(
         "With `cache_latents`, move the encoders the training step no longer needs (the VAE; the text encoders when "
         "they are not trained) to the CPU when training starts, and back to the device when it ends, before the "
-        "validation samples are rendered. Frees their weights from accelerator memory; no effect on a CPU.",
+        "validation samples are rendered. Frees their weights from accelerator memory; no effect on a CPU. A "
+        "callback that generates during training wraps it in `with trainer.encoder_offload.on_device():`.",
         True,
     )
     cache_dir: str | None = _help(

@@ -34,7 +34,12 @@ class TrainerState:
 
 
 class TrainerCallback:
-    """Hooks called by the trainer; override the ones you need (all default to doing nothing)."""
+    """Hooks called by the trainer; override the ones you need (all default to doing nothing).
+
+    Between `on_train_begin` and `on_train_end` a cached run keeps its idle encoders on the CPU
+    (`offload_cached_encoders`): a hook that generates with `trainer.pipe` does it inside
+    `with trainer.encoder_offload.on_device():`.
+    """
 
     def on_train_begin(self, trainer: Any) -> None:
         """Called once before the first step."""
