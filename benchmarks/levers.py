@@ -1,7 +1,7 @@
 """Step time, peak memory and MFU of LoRA Diffusion-DPO with each speed lever toggled from the default.
 
     python benchmarks/levers.py [--quick] [--pairs 4] [--steps 12] [--warmup 2] [--threads 1] [--kit tiny]
-        [--resolution R] [--mixed-precision no|bf16] [--model PATH] [--cases NAME ...]
+        [--resolution R] [--mixed-precision no|bf16] [--model PATH] [--cases NAME ...] [--epoch-steps N]
         [--out benchmarks/results/levers_<cpu|cuda>.json]
 
 The `default` case is the library's defaults plus `cache_latents=True`; every other case flips one switch
@@ -77,10 +77,17 @@ def skip_reason(name: str, quick: bool, precision: str) -> str | None:
 
 
 def measure(
-    name: str, pairs: int, steps: int, warmup: int, resolution: int, model: str, overrides: dict[str, Any]
+    name: str,
+    pairs: int,
+    steps: int,
+    warmup: int,
+    resolution: int,
+    model: str,
+    overrides: dict[str, Any],
+    epoch_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train `steps` LoRA DPO steps of case `name` in this process and summarise them; the default case also
-    counts its step FLOPs."""
+    """Train `steps` LoRA DPO steps of case `name` in this process and summarise them (over epochs of `epoch_steps`
+    steps; default: one epoch); the default case also counts its step FLOPs."""
     from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, testing
 
     torch.manual_seed(0)
@@ -91,11 +98,11 @@ def measure(
             resolution=resolution, learning_rate=1e-4, logging_steps=steps, save_steps=0,
             **overrides,
         )  # fmt: skip
-        data = testing.make_preference_dataset(pairs * steps, size=resolution)
+        data = testing.make_preference_dataset(pairs * (epoch_steps or steps), size=resolution)
         trainer = DiffusionDPOTrainer(pipeline(model) if model in KITS else model, args, data, callbacks=[clock])
         trainer.train()
         row = {"case": name, **summarize(clock.seconds(), warmup, pairs), **memory(clock)}
-        row["first_step_s"] = round(clock.seconds()[0], 2)
+        row["first_step_s"], row["total_s"] = round(clock.seconds()[0], 2), round(sum(clock.seconds()), 2)
         if name == "default":
             row["step_flops"] = training_step_flops(trainer, pairs)
     return row
@@ -117,6 +124,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="Autocast for every case.")
     parser.add_argument("--model", default=None, help="Local diffusers SD pipeline folder instead of a kit.")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="Cases to measure.")
+    parser.add_argument("--epoch-steps", type=int, default=None, help="Steps an epoch lasts; default: one epoch.")
     args = parser.parse_args()
     steps = 6 if args.quick else args.steps
     resolution = args.resolution or KITS[args.kit][1]
@@ -138,6 +146,7 @@ def main() -> None:
                 resolution,
                 args.model or args.kit,
                 {**base, **CASES[name]},
+                args.epoch_steps,
             )
         )
         print(f"{name}: {reason or str(rows[-1]['ms_per_step']) + ' ms/step'}", flush=True)
@@ -149,16 +158,18 @@ def main() -> None:
             row["time_vs_default"] = round(row["ms_per_step"] / default["ms_per_step"], 3)
     cuda = "peak_cuda_mib" in default
     memory_key, memory_name = ("peak_cuda_mib", "peak CUDA MiB") if cuda else ("peak_rss_mib", "peak RSS MiB")
-    print(f"\n{'case':<28}{'ms/step':>10}{'x default':>10}{memory_name:>15}{'1st step s':>12}{'GFLOP/s':>10}{'MFU':>8}")
+    print(f"\n{'case':<28}{'ms/step':>10}{'x default':>10}{memory_name:>15}{'1st step s':>12}{'all steps s':>12}"
+          f"{'GFLOP/s':>10}{'MFU':>8}")  # fmt: skip
     for r in rows:
         if "skipped" in r:
             print(f"{r['case']:<28}skipped: {r['skipped']}")
             continue
-        print(f"{r['case']:<28}{r['ms_per_step']:>10}{r['time_vs_default']:>10}{r[memory_key]:>15}"
-              f"{r['first_step_s']:>12}{r['achieved_gflops_per_s']:>10}{str(r['mfu']):>8}")  # fmt: skip
+        print(f"{r['case']:<28}{r['ms_per_step']:>10}{r['time_vs_default']:>10}{r[memory_key]:>15}{r['first_step_s']:>12}"
+              f"{r['total_s']:>12}{r['achieved_gflops_per_s']:>10}{str(r['mfu']):>8}")  # fmt: skip
     print(f"step FLOPs (default case, FlopCounterMode): {default['step_flops']:.4g}; {mfu_note}")
     settings = {
-        "pairs": args.pairs, "steps": steps, "warmup": args.warmup, "resolution": resolution,
+        "pairs": args.pairs, "steps": steps, "epoch_steps": args.epoch_steps or steps, "warmup": args.warmup,
+        "resolution": resolution,
         "model": args.model or KITS[args.kit][0], "objective": "DPO, LoRA r8", "quick": args.quick,
         "default_config": base, "cases": {row["case"]: CASES[row["case"]] for row in rows},
         "step_flops": default["step_flops"], "mfu_note": mfu_note,
