@@ -303,5 +303,5 @@ class CachedPreferenceDataset(RowsDataset):
             item["cond"] = cond
         item.update({key[len(EXTRA) :]: value[side] for key, value in stored.items() if key.startswith(EXTRA)})
         if "label" in stored:
-            item["label"] = bool(stored["label"])
+            item["label"] = stored["label"]
         return item

@@ -5,8 +5,7 @@ conditioning) from the cache, so the VAE and the frozen text encoders sit idle i
 `train_text_to_image_sdxl.py` deletes them after precomputing). The trainer moves them to the CPU when training
 starts and back to the device when it ends, before the validation samples are rendered, so that `trainer.pipe`
 generates as before; building a new cache meanwhile (`evaluate(new_dataset)` from a callback) brings them back
-for the while. A run stopped by an exception leaves them on the CPU: `trainer.encoder_offload.restore()` brings
-them back.
+for the while. A run stopped by an exception gives them back too.
 """
 
 from __future__ import annotations

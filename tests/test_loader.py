@@ -75,15 +75,15 @@ def test_kept_loaders_resume_mid_epoch_and_keep_training_and_evaluation_apart(ma
     args = dict(random_flip=True, proportion_empty_prompts=0.5)
     plain = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(**args), pairs)
     kept = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(**args, dataloader_num_workers=2), pairs, pairs)
-    training = kept._batches(kept.train_dataset, 3, 1, shuffle=True)
+    training = kept._loaders.batches(kept.train_dataset, 3, 1, shuffle=True)
     first = next(training)
-    evaluation = _pixels(kept._batches(kept.eval_dataset, 3, 0, shuffle=False))  # through the other kept loader
+    evaluation = _pixels(kept._loaders.batches(kept.eval_dataset, 3, 0, shuffle=False))  # through the other kept loader
     assert [prompts for prompts, _ in evaluation] == [pairs["prompt"][0:3], pairs["prompt"][3:6], pairs["prompt"][6:]]
     got = _pixels([first, *training])
     for epoch, skip in ((1, 0), (2, 1), (0, 1), (1, 2)):
         if (epoch, skip) != (1, 0):
-            got = _pixels(kept._batches(kept.train_dataset, 3, epoch, shuffle=True, skip=skip))
-        want = _pixels(plain._batches(plain.train_dataset, 3, epoch, shuffle=True))[skip:]
+            got = _pixels(kept._loaders.batches(kept.train_dataset, 3, epoch, shuffle=True, skip=skip))
+        want = _pixels(plain._loaders.batches(plain.train_dataset, 3, epoch, shuffle=True))[skip:]
         assert len(got) == len(want) == 2 - skip  # 8 rows in batches of 3: the last partial batch is dropped
         for (prompts, pixels), (want_prompts, want_pixels) in zip(got, want, strict=True):
             assert prompts == want_prompts and torch.equal(pixels, want_pixels)

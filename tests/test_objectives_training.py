@@ -189,7 +189,7 @@ def test_mapo_learns_with_one_forward_and_no_reference(tmp_path, base_dir, pairs
     trainer = DiffusionMaPOTrainer(base_dir, args, pairs, eval_dataset=pairs)
     calls = []
     handle = trainer.family.denoiser.register_forward_pre_hook(lambda module, inputs: calls.append(1))
-    batch = next(trainer._batches(trainer.train_dataset, 4, 0, shuffle=True))
+    batch = next(trainer._loaders.batches(trainer.train_dataset, 4, 0, shuffle=True))
     model_err, ref_err = trainer.denoising_errors(batch, torch.Generator().manual_seed(0))
     handle.remove()
     assert len(calls) == 1 and ref_err is None and model_err.shape == (8,)
@@ -224,7 +224,8 @@ def test_sft_lowers_the_winners_denoising_error_and_round_trips(tmp_path, base_d
 
 # --------------------------------------------------------------------------------------------- safeguard
 def _first_batch(trainer) -> dict:
-    return next(trainer._batches(trainer.train_dataset, trainer.args.per_device_train_batch_size, 0, shuffle=True))
+    batch_size = trainer.args.per_device_train_batch_size
+    return next(trainer._loaders.batches(trainer.train_dataset, batch_size, 0, shuffle=True))
 
 
 def test_safeguard_scales_only_the_losers_gradient_in_the_trainer(tmp_path, pairs) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -341,11 +340,6 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         return adapters.adapters_disabled(self._unwrapped)
 
     # --------------------------------------------------------------------------------------- data
-    def _batches(self, dataset: torch.utils.data.Dataset, batch_size: int, epoch: int, *, shuffle: bool,
-                 skip: int = 0) -> Iterator[dict[str, Any]]:  # fmt: skip
-        """This process's batches of one epoch, in an order fixed by (seed, epoch); `skip` resumes mid-epoch."""
-        return self._loaders.batches(dataset, batch_size, epoch, shuffle=shuffle, skip=skip)
-
     def _batches_per_epoch(self) -> int | None:
         """Micro-batches per epoch on each process (None for streaming data of unknown length)."""
         if isinstance(self.train_dataset, StreamingPreferenceDataset):
@@ -392,13 +386,13 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             for callback in self.callbacks:
                 callback.on_train_begin(self)  # after the offload: a callback measuring memory sees the training's
             self._run_epochs(total, per_epoch, progress)
+            final_eval = not (args.eval_steps and self.state.global_step % args.eval_steps == 0)
+            if self.eval_dataset is not None and final_eval:  # reads the cache too, like the steps
+                self._log(self.evaluate())
         finally:  # also when a step raises: the pipeline gets its encoders back, and no loader worker outlives the run
             progress.close()
             self.encoder_offload.restore()
             self._loaders.close()
-        if self.eval_dataset is not None and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
-            self._log(self.evaluate())
-        self._loaders.close()  # the final evaluation's loader and workers too
         self._wait_for_push()
         self.save_model()
         if args.validation_prompts and self.accelerator.is_main_process:
@@ -420,7 +414,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self.denoiser.train()
         while self.state.global_step < total:
             batches = 0
-            for batch in self._batches(
+            for batch in self._loaders.batches(
                 self.train_dataset, args.per_device_train_batch_size, epoch, shuffle=True, skip=skip
             ):
                 batches += 1
@@ -542,7 +536,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self.denoiser.eval()
         totals: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}  # rows per metric, NaNs (unmeasurable in a batch) left out
-        for index, batch in enumerate(self._batches(dataset, self.args.per_device_eval_batch_size, 0, shuffle=False)):
+        batches = self._loaders.batches(dataset, self.args.per_device_eval_batch_size, 0, shuffle=False)
+        for index, batch in enumerate(batches):
             draws = []
             for draw in range(self.args.eval_noise_draws):
                 seed = row_seed(self.args.seed, 10_000_019 * (draw + 1) + index, self.accelerator.process_index)
