@@ -85,16 +85,20 @@ class StepClock(TrainerCallback):
 
 
 def summarize(seconds: list[float], warmup: int, pairs: int) -> dict[str, Any]:
-    """Median step time after `warmup` steps, pairs/s, and this process's peak resident memory."""
+    """Median step time after `warmup` steps, pairs/s, this process's peak resident memory and, on CUDA, the peak
+    memory allocated by tensors since `StepClock.on_train_begin`."""
     kept = seconds[warmup:]
     median = statistics.median(kept)
-    return {
+    row = {
         "ms_per_step": round(1000 * median, 1),
         "pairs_per_s": round(pairs / median, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "steps_timed": len(kept),
         "step_ms": [round(1000 * second, 1) for second in kept],
     }
+    if torch.cuda.is_available():
+        row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
 
 
 def pool(runs: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
@@ -110,17 +114,6 @@ def pool(runs: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
         if key in row:
             row[key] = max(run[key] for run in runs)
     return row
-
-
-def memory(clock: StepClock) -> dict[str, Any]:
-    """Resident memory when training began (models, data and cache already loaded) and, on CUDA, the peak
-    memory allocated by tensors during training."""
-    return {"rss_at_train_begin_mib": clock.rss_at_train_begin_mib, **peak_cuda()}
-
-
-def peak_cuda() -> dict[str, float]:
-    """On CUDA, the peak memory allocated by tensors since the last reset (`StepClock.on_train_begin`); else {}."""
-    return {"peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if torch.cuda.is_available() else {}
 
 
 def current_rss_mib() -> float | None:

@@ -28,7 +28,6 @@ from common import (
     base_parser,
     current_rss_mib,
     default_out,
-    peak_cuda,
     pool,
     run_case,
     summarize,
@@ -155,7 +154,7 @@ def measure(kit: str, name: str, pairs: int, steps: int, warmup: int, resolution
         if not case
         else _trainer_times(kit, case, pairs, steps, resolution, precision)
     )
-    row = {"case": name, **summarize(times, warmup, pairs), **peak_cuda()}
+    row = {"case": name, **summarize(times, warmup, pairs)}
     row["model_step_mib"] = round(row["peak_rss_mib"] - before_models, 1) if before_models is not None else None
     return row
 
