@@ -32,12 +32,14 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 OTHER_VARIANTS = ("PCIe", "NVL")
 
 
-def base_parser(doc: str, quick: str, steps: int = 12, out: str = "") -> argparse.ArgumentParser:
-    """The options every benchmark script takes: --quick, --steps, --warmup, --threads and --out."""
+def base_parser(doc: str, quick: str, steps: int | None = 12, out: str = "") -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --quick, --threads and --out; --steps and --warmup unless `steps`
+    is None (a script that times no optimizer steps)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--steps", type=int, default=steps, help="Optimizer steps per case, warm-up included.")
-    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps, help="Optimizer steps per case, warm-up included.")
+        parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--out", default=None, help=f"Result JSON; default: benchmarks/results/{out}.")
     return parser
