@@ -190,8 +190,8 @@ def run_case(threads: int, function: Callable[..., dict[str, Any]], *args: Any) 
     """`function(*args)` in a fresh process with `threads` torch threads, so that its peak memory is its own.
 
     The process is forked from a server that has imported the libraries once (multiprocessing's forkserver, which
-    initialises no CUDA before forking): a case then starts in well under a second instead of the ~7 s that
-    importing torch, diffusers and transformers takes, which is what keeps the quick suite under 5 minutes.
+    initialises no CUDA before forking): a case then starts without importing torch, diffusers and transformers
+    again, which takes seconds a process.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", "diffusers", "peft", "diffusion_pref_trainers.testing"])
