@@ -64,7 +64,7 @@ def _median_ms(read: Any, count: int) -> float:
 
 
 def main() -> None:
-    parser = base_parser(__doc__, "16 rows a layout (CI-sized).", out="cache_read_<device>.json")
+    parser = base_parser(__doc__, "16 rows a layout (CI-sized).", None, "cache_read_<device>.json")
     parser.add_argument("--rows", type=int, default=64, help="Rows per layout.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -32,12 +32,14 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 OTHER_VARIANTS = ("PCIe", "NVL")
 
 
-def base_parser(doc: str, quick: str, steps: int = 12, out: str = "") -> argparse.ArgumentParser:
-    """The options every benchmark script takes: --quick, --steps, --warmup, --threads and --out."""
+def base_parser(doc: str, quick: str, steps: int | None = 12, out: str = "") -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --quick, --threads and --out; --steps and --warmup unless `steps`
+    is None (a script that times no optimizer steps)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--steps", type=int, default=steps, help="Optimizer steps per case, warm-up included.")
-    parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps, help="Optimizer steps per case, warm-up included.")
+        parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
     parser.add_argument("--out", default=None, help=f"Result JSON; default: benchmarks/results/{out}.")
     return parser
@@ -85,16 +87,20 @@ class StepClock(TrainerCallback):
 
 
 def summarize(seconds: list[float], warmup: int, pairs: int) -> dict[str, Any]:
-    """Median step time after `warmup` steps, pairs/s, and this process's peak resident memory."""
+    """Median step time after `warmup` steps, pairs/s, this process's peak resident memory and, on CUDA, the peak
+    memory allocated by tensors since `StepClock.on_train_begin`."""
     kept = seconds[warmup:]
     median = statistics.median(kept)
-    return {
+    row = {
         "ms_per_step": round(1000 * median, 1),
         "pairs_per_s": round(pairs / median, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "steps_timed": len(kept),
         "step_ms": [round(1000 * second, 1) for second in kept],
     }
+    if torch.cuda.is_available():
+        row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
 
 
 def pool(runs: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
@@ -110,17 +116,6 @@ def pool(runs: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
         if key in row:
             row[key] = max(run[key] for run in runs)
     return row
-
-
-def memory(clock: StepClock) -> dict[str, Any]:
-    """Resident memory when training began (models, data and cache already loaded) and, on CUDA, the peak
-    memory allocated by tensors during training."""
-    return {"rss_at_train_begin_mib": clock.rss_at_train_begin_mib, **peak_cuda()}
-
-
-def peak_cuda() -> dict[str, float]:
-    """On CUDA, the peak memory allocated by tensors since the last reset (`StepClock.on_train_begin`); else {}."""
-    return {"peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if torch.cuda.is_available() else {}
 
 
 def current_rss_mib() -> float | None:
@@ -195,8 +190,8 @@ def run_case(threads: int, function: Callable[..., dict[str, Any]], *args: Any) 
     """`function(*args)` in a fresh process with `threads` torch threads, so that its peak memory is its own.
 
     The process is forked from a server that has imported the libraries once (multiprocessing's forkserver, which
-    initialises no CUDA before forking): a case then starts in well under a second instead of the ~7 s that
-    importing torch, diffusers and transformers takes, which is what keeps the quick suite under 5 minutes.
+    initialises no CUDA before forking): a case then starts without importing torch, diffusers and transformers
+    again, which takes seconds a process.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", "diffusers", "peft", "diffusion_pref_trainers.testing"])

@@ -12,7 +12,7 @@ separate forwards, no caching. The library's cases run its fast path for a CPU: 
 forward for the policy and one for the reference; `dpo_no_cache` separates the cache's share. Every
 speed claim in the docs is a ratio against the baseline, measured in the same run. Memory is reported
 twice: the process's peak RSS, and the peak minus the RSS after imports, before any model is built
-(`model_step_mib`: the models, data, cache and the step's own memory, without the ~400 MiB of libraries).
+(`model_step_mib`: the models, data, cache and the step's own memory, without the ~385 MiB of libraries).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from common import (
     base_parser,
     current_rss_mib,
     default_out,
-    peak_cuda,
     pool,
     run_case,
     summarize,
@@ -155,7 +154,7 @@ def measure(kit: str, name: str, pairs: int, steps: int, warmup: int, resolution
         if not case
         else _trainer_times(kit, case, pairs, steps, resolution, precision)
     )
-    row = {"case": name, **summarize(times, warmup, pairs), **peak_cuda()}
+    row = {"case": name, **summarize(times, warmup, pairs)}
     row["model_step_mib"] = round(row["peak_rss_mib"] - before_models, 1) if before_models is not None else None
     return row
 
@@ -164,7 +163,7 @@ def main() -> None:
     parser = base_parser(__doc__, "Fewer steps (CI-sized).", out="step_time_<kit>_<device>[_quick].json")
     parser.add_argument("--kit", choices=sorted(KIT_CASES), default="tiny", help="The models (see kits.py).")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="Autocast dtype (GPU: bf16).")
-    parser.add_argument("--pairs", type=int, default=None, help="Pairs per step; default: 4 (tiny), 2 (sd15_shaped).")
+    parser.add_argument("--pairs", type=int, default=None, help="Pairs per step; default: 4 (tiny), 2 (other kits).")
     parser.add_argument("--resolution", type=int, default=None, help="Image resolution; default: the kit's.")
     parser.add_argument("--repeats", type=int, default=1, help="Runs of every case, round-robin; steps pooled.")
     args = parser.parse_args()

@@ -46,7 +46,7 @@ FULL_SIZE_PARTS = {
 
 
 def main() -> None:
-    parser = base_parser(__doc__, "Every part in its quick mode (CI-sized).", out="suite_<device>.json")
+    parser = base_parser(__doc__, "Every part in its quick mode (CI-sized).", None, "suite_<device>.json")
     parser.add_argument("--full-size", action="store_true", help="The full-size GPU parts instead (hours on a CPU).")
     args = parser.parse_args()
     out = args.out or default_out("suite_full_size" if args.full_size else "suite", args.quick)

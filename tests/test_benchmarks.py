@@ -24,6 +24,12 @@ def test_summarize_drops_warmup_and_takes_the_median() -> None:
     assert row["ms_per_step"] == 350.0 and row["pairs_per_s"] == round(4 / 0.35, 2) and row["steps_timed"] == 4
 
 
+def test_summarize_reports_the_cuda_peak_on_a_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20 + 2**19)  # 3.5 MiB
+    assert common.summarize([0.2, 0.4], warmup=0, pairs=1)["peak_cuda_mib"] == 3.5
+
+
 def test_cpu_attention_is_counted_with_the_matmul_formulas() -> None:
     batch, heads, queries, keys, dim = 2, 3, 5, 7, 4
     q = torch.randn(batch, heads, queries, dim, requires_grad=True)
