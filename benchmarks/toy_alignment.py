@@ -26,7 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from diffusion_pref_trainers.toy import TASKS  # noqa: E402
-from diffusion_pref_trainers.toy.alignment import ToyExperiment, prepare_task, run_experiment  # noqa: E402
+from diffusion_pref_trainers.toy.alignment import (  # noqa: E402
+    TRAINING_DEFAULTS,
+    ToyExperiment,
+    prepare_task,
+    run_experiment,
+)
 from diffusion_pref_trainers.toy.model import load_toy_pipeline  # noqa: E402
 
 METHODS = ("dpo", "rpo", "kto", "mapo", "sft")
@@ -63,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["large", "warm", "centred"], choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=TRAINING_DEFAULTS["max_steps"])
     parser.add_argument("--train-prompts", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="8 prompts, 10 steps: checks the pipeline, not quality")
     parser.add_argument("--threads", type=int, default=1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_pref_trainers.toy.alignment import ToyExperiment, prepare_task, run_experiment
+from diffusion_pref_trainers.toy.alignment import TaskData, ToyExperiment, prepare_task, run_experiment
 from diffusion_pref_trainers.toy.model import load_toy_pipeline
 
 # Small enough for CI on 2 CPU cores (about two minutes). The `large` task: the base pipeline draws the shape at
@@ -19,20 +19,21 @@ TRAINING = {"max_steps": 120}
 
 
 @pytest.fixture(scope="module")
-def warm_data():
+def task_data() -> TaskData:
+    """The `large` task's pairs and base images, shared by the tests of this module."""
     return prepare_task(load_toy_pipeline(), EXPERIMENT)
 
 
-def test_task_data_is_sampled_from_the_pipeline_in_the_pickapic_schema(warm_data) -> None:
-    assert len(warm_data.train) > 0 and "jpg_0" in warm_data.train.column_names
-    assert all(abs(row["reward_0"] - row["reward_1"]) >= EXPERIMENT.min_margin for row in warm_data.train)
-    assert len(warm_data.base_images) == EXPERIMENT.eval_prompts
-    assert all(len(row) == EXPERIMENT.eval_seeds for row in warm_data.base_images)
+def test_task_data_is_sampled_from_the_pipeline_in_the_pickapic_schema(task_data) -> None:
+    assert len(task_data.train) > 0 and "jpg_0" in task_data.train.column_names
+    assert all(abs(row["reward_0"] - row["reward_1"]) >= EXPERIMENT.min_margin for row in task_data.train)
+    assert len(task_data.base_images) == EXPERIMENT.eval_prompts
+    assert all(len(row) == EXPERIMENT.eval_seeds for row in task_data.base_images)
 
 
 @pytest.mark.parametrize("method", ["dpo", "rpo"])
-def test_a_short_run_raises_the_task_reward_on_held_out_prompts(method: str, warm_data, tmp_path: Path) -> None:
-    report = run_experiment(method, EXPERIMENT, tmp_path, TRAINING, data=warm_data)
+def test_a_short_run_raises_the_task_reward_on_held_out_prompts(method: str, task_data, tmp_path: Path) -> None:
+    report = run_experiment(method, EXPERIMENT, tmp_path, TRAINING, data=task_data)
     assert report["reward/aligned"] > report["reward/base"], report
     assert report["win_rate"] > 0.55, report
     assert report["fidelity/aligned"] >= report["fidelity/base"] - 0.15, report

@@ -22,9 +22,9 @@ from diffusion_pref_trainers.toy.tasks import build_preference_dataset, get_task
 from diffusion_pref_trainers.toy.world import attribute_embedding
 
 # Training settings every toy run starts from (any can be overridden per run). The pretrained toy model's
-# per-image denoising errors are ~10x larger than Stable Diffusion's latent MSE, hence a smaller beta; a LoRA on
-# this small UNet needs a larger learning rate than on SD to move the samples within a CPU budget (measured:
-# 1e-3 for 150 steps left the held-out reward where it was; 3e-3 for 300 steps overshot, prompt fidelity -0.16).
+# per-image denoising errors are larger than Stable Diffusion's latent MSE, hence a smaller beta; a LoRA on this
+# small UNet needs a larger learning rate than on SD to move the samples within a CPU budget (in runs not kept:
+# 1e-3 for 150 steps left the held-out reward where it was; 3e-3 for 300 steps overshot and cost prompt fidelity).
 TRAINING_DEFAULTS: dict[str, Any] = {
     "resolution": RESOLUTION,
     "per_device_train_batch_size": 8,

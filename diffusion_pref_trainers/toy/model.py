@@ -19,9 +19,9 @@ from diffusion_pref_trainers.toy.world import vocabulary
 
 RESOLUTION = 64
 LATENT_SIZE = 16  # the VAE downsamples 4x (three blocks)
-LATENT_CHANNELS = 8  # 4 lose stripes and dots: a 4x4 patch holds 48 values
+LATENT_CHANNELS = 8  # per 4x4 px patch of 48 RGB values
 TEXT_DIM = 64
-MAX_TOKENS = 16  # the longest caption is 14 tokens with its start and end tokens
+MAX_TOKENS = 16  # the longest caption is 13 tokens with its start and end tokens
 PIPELINE_DIR = Path(__file__).parent / "pipeline"
 START, END = "<|startoftext|>", "<|endoftext|>"
 
