@@ -31,21 +31,19 @@ MODEL_FILE = "model.safetensors"
 class CheckpointingMixin:
     """`_save_checkpoint` and `_load_checkpoint`, called by the training loop."""
 
-    def _save_checkpoint(self) -> Path:
+    def _save_checkpoint(self) -> None:
         """Write the training state into a temporary folder, then rename it into place."""
         step, out = self.state.global_step, self.args.output_dir
         tmp = checkpoints.temporary_path(out, step)
         self._write_training_state(tmp)
         self.accelerator.wait_for_everyone()  # every process's random states are on disk before the rename
-        final = checkpoints.checkpoint_path(out, step)
         if self.accelerator.is_main_process:
             self.state.save(tmp)
-            final = checkpoints.commit(out, step)
+            checkpoints.commit(out, step)
             checkpoints.rotate(out, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
         for callback in self.callbacks:
-            callback.on_save(self, str(final))
-        return final
+            callback.on_save(self, str(checkpoints.checkpoint_path(out, step)))
 
     def _write_training_state(self, folder: Path) -> None:
         """Each process's random states; weights, optimizer, schedule and loss scale from the main process only."""
