@@ -19,10 +19,10 @@ from diffusion_pref_trainers.testing import (
 )
 
 LOGGED = ("loss", "model_loss/chosen", "model_loss/rejected", "grad_norm")
-# Inductor generates and compiles C++ kernels: 2 tiny DPO steps took 248 s on this project's CPU machine (1 thread).
+# Inductor generates and compiles C++ kernels: the test below took 114 s on this project's CPU machine (1 thread).
 SLOW = pytest.mark.skipif(
     not os.environ.get("DPT_SLOW_TESTS"),
-    reason="inductor compiles C++ kernels for minutes on a CPU (measured: 248 s for 2 tiny DPO steps, 1 thread); "
+    reason="inductor compiles C++ kernels for minutes on a CPU (measured: 114 s for the test, 1 thread); "
     "set DPT_SLOW_TESTS=1 to run it",
 )
 
