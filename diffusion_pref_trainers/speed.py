@@ -25,7 +25,8 @@ CPU_INDUCTOR_WARNING = (
 
 
 def apply_fast_path(args: DiffusionTrainingConfig, *denoisers: nn.Module | None) -> None:
-    """Apply `channels_last` and `torch_compile` from `args` to each given denoiser (None entries are skipped)."""
+    """Apply `attention_backend`, `channels_last` and `torch_compile` from `args` to each given denoiser (None entries
+    are skipped)."""
     denoisers = tuple(denoiser for denoiser in denoisers if denoiser is not None)
     backend = args.torch_compile_backend or "inductor"
     on_cpu = any(next(denoiser.parameters()).device.type == "cpu" for denoiser in denoisers)

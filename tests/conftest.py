@@ -6,6 +6,8 @@ import atexit
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from diffusion_pref_trainers.testing import make_preference_dataset, tiny_clip_m
 # made a tiny-UNet evaluation about 10x slower with two threads under load (measured here: 48.7 s vs 4.3 s).
 torch.set_num_threads(1)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +74,21 @@ def make_config(tmp_path: Path) -> Callable[..., DiffusionDPOConfig]:
         return DiffusionDPOConfig(**values)
 
     return build
+
+
+@pytest.fixture
+def launch_two_processes() -> Callable[..., None]:
+    """Runs a script of tests/scripts/ on two CPU processes (accelerate launch) with this checkout's package."""
+
+    def launch(script: str, *script_args: str) -> None:
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(ROOT / "tests" / "scripts" / script), *script_args,
+        ]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return launch

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -199,18 +196,9 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, rows, se
     assert any(not torch.equal(value, at_checkpoint[key]) for key, value in final_resumed.items())  # it trained on
 
 
-def test_two_processes_write_their_own_random_states_and_resume_exactly(tmp_path) -> None:
-    root = Path(__file__).parents[1]  # the scripts import this checkout's package
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+def test_two_processes_write_their_own_random_states_and_resume_exactly(tmp_path, launch_two_processes) -> None:
     for mode in ("straight", "resumed"):
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(root / "tests" / "scripts" / "ddp_checkpoint.py"), str(tmp_path), mode,
-        ]  # fmt: skip
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        launch_two_processes("ddp_checkpoint.py", str(tmp_path), mode)
     per_process = ["random_states_1.json", "random_states_1.safetensors"]
     for rank in (0, 1):
         straight, resumed = (

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -311,16 +308,9 @@ def test_training_learns_and_the_saved_lora_reproduces_it_on_a_fresh_pipeline(tm
             assert getattr(fresh, name).peft_config, name
 
 
-def test_text_encoder_lora_stays_identical_across_two_processes(tmp_path) -> None:
+def test_text_encoder_lora_stays_identical_across_two_processes(tmp_path, launch_two_processes) -> None:
     """Each process sees other rows; the text encoders' gradients are averaged like the denoiser's (DDP)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(Path(__file__).parent / "scripts" / "ddp_text_encoder.py"), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("ddp_text_encoder.py", str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(report["world"] == 2 and report["text_encoder_moved"] for report in reports)
     assert reports[0]["text_encoder"] == pytest.approx(reports[1]["text_encoder"], rel=1e-12, abs=1e-12)

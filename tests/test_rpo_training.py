@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +11,6 @@ import torch
 
 from diffusion_pref_trainers import DiffusionRPOConfig, DiffusionRPOTrainer
 from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd_pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path, **overrides) -> DiffusionRPOConfig:
@@ -106,15 +101,8 @@ def test_rpo_with_a_single_pair_per_step_is_refused_before_training(tmp_path) ->
     assert not Path(args.output_dir).exists()
 
 
-def test_two_processes_build_the_global_matrix(tmp_path) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "tests" / "scripts" / "ddp_rpo.py"), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_two_processes_build_the_global_matrix(tmp_path, launch_two_processes) -> None:
+    launch_two_processes("ddp_rpo.py", str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert report["world"] == 2

@@ -195,7 +195,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         denoiser.to(device)
         if self.reference is not None:
             self.reference.to(device)
-        speed.apply_fast_path(self.args, denoiser, self.reference)  # channels_last, torch_compile
+        speed.apply_fast_path(self.args, denoiser, self.reference)  # attention kernel, channels_last, torch_compile
         self.text_encoders = self._add_text_encoder_adapters() if self.args.train_text_encoder else {}
         if self.args.init_lora_weights and self.peft_config is not None:
             path = hub.adapter_file(self.args.init_lora_weights, token=self.args.hub_token)

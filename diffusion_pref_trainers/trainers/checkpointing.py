@@ -2,7 +2,8 @@
 
 A mixin of `DiffusionPreferenceTrainer`. A checkpoint folder holds the trained weights (the LoRA adapters, or the
 whole denoiser when fully fine-tuned), the optimizer state, the LR schedule, the fp16 loss scale, each process's
-random generators and accelerate's step counter, and `trainer_state.json`. It is written into a temporary folder
+random generators, and `trainer_state.json` (not accelerate's accumulation counter: a checkpoint follows an optimizer
+step, where the fresh counter, 0, starts the next accumulation window alike). It is written into a temporary folder
 and renamed into place once complete (`checkpoints.commit`).
 """
 
@@ -30,21 +31,19 @@ MODEL_FILE = "model.safetensors"
 class CheckpointingMixin:
     """`_save_checkpoint` and `_load_checkpoint`, called by the training loop."""
 
-    def _save_checkpoint(self) -> Path:
+    def _save_checkpoint(self) -> None:
         """Write the training state into a temporary folder, then rename it into place."""
         step, out = self.state.global_step, self.args.output_dir
         tmp = checkpoints.temporary_path(out, step)
         self._write_training_state(tmp)
         self.accelerator.wait_for_everyone()  # every process's random states are on disk before the rename
-        final = checkpoints.checkpoint_path(out, step)
         if self.accelerator.is_main_process:
             self.state.save(tmp)
-            final = checkpoints.commit(out, step)
+            checkpoints.commit(out, step)
             checkpoints.rotate(out, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
         for callback in self.callbacks:
-            callback.on_save(self, str(final))
-        return final
+            callback.on_save(self, str(checkpoints.checkpoint_path(out, step)))
 
     def _write_training_state(self, folder: Path) -> None:
         """Each process's random states; weights, optimizer, schedule and loss scale from the main process only."""
@@ -53,8 +52,7 @@ class CheckpointingMixin:
             checkpoints.clear_temporary(folder)
         accelerator.wait_for_everyone()
         folder.mkdir(parents=True, exist_ok=True)
-        process = {"step": accelerator.step, "rng": train_state.rng_state()}
-        train_state.save(process, folder, RANDOM_STATES.format(accelerator.process_index))
+        train_state.save(train_state.rng_state(), folder, RANDOM_STATES.format(accelerator.process_index))
         if not accelerator.is_main_process:
             return
         save = save_model if self.peft_config is None else adapters.save_adapter_state
@@ -75,9 +73,7 @@ class CheckpointingMixin:
         self.lr_scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
         if self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(json.loads((folder / SCALER_FILE).read_text()))
-        process = train_state.load(folder, RANDOM_STATES.format(self.accelerator.process_index))
-        self.accelerator.step = process["step"]
-        train_state.set_rng_state(process["rng"])
+        train_state.set_rng_state(train_state.load(folder, RANDOM_STATES.format(self.accelerator.process_index)))
         self.state = TrainerState.load(folder)
         self.state.max_steps = self._total_steps()
 
