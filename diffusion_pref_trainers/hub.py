@@ -30,6 +30,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples/validation.png"
 # Never uploaded: resumable training state, temporary folders and any pickled file.
 IGNORE_PATTERNS = [
+    ".lock",  # the output folder's lock (`folder_lock`), held while a run pushes
     "checkpoint-*",
     "checkpoint-*/**",
     "tmp-checkpoint-*",
