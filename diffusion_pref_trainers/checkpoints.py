@@ -161,7 +161,7 @@ def check_belongs(folder: str | Path, identity: dict[str, Any]) -> dict[str, Any
     if changed:
         raise ValueError(
             f"{folder} is a checkpoint of another run; it differs in {'; '.join(changed)}. Resume it with the "
-            "settings it was written with, or start this run in another output_dir (or with "
-            "overwrite_output_dir=True, which deletes the old checkpoints)."
+            "settings it was written with, or start this run fresh (no resume) in another output_dir, or in this "
+            "one with overwrite_output_dir=True, which deletes the old checkpoints."
         )
     return record

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from diffusion_pref_trainers import adapters, checkpoints, train_state
+from diffusion_pref_trainers import adapters, cache, checkpoints, train_state
 from diffusion_pref_trainers.folder_lock import OutputDirLock
 from diffusion_pref_trainers.state import STATE_FILE, TrainerState
 
@@ -55,16 +55,16 @@ class CheckpointingMixin:
         )  # fmt: skip
         self._fingerprint = checkpoints.fingerprint(self._identity)
         self._resumes: list[dict[str, Any]] = []
-        self._lock = OutputDirLock(self.args.output_dir)
 
     def _data_identity(self) -> str:
         """datasets' fingerprint of the training rows (as the cache reads it); a stream is known by its source."""
         rows = getattr(self.train_dataset, "dataset", None)
         if rows is None or isinstance(rows, torch.utils.data.IterableDataset) or not hasattr(rows, "__len__"):
             return f"stream {self._dataset_name or 'of unknown source'}"
-        from diffusion_pref_trainers.cache import dataset_fingerprint  # the cache's one fingerprint of rows
-
-        return dataset_fingerprint(rows)
+        try:
+            return cache.dataset_fingerprint(rows)
+        except TypeError:  # rows not held by datasets: known by their type and count only
+            return f"{type(rows).__name__} of {len(rows)} rows"
 
     def _adapter_identity(self) -> str:
         """The trained weights: the LoRA rank, alpha and targets (text encoders too), or the full denoiser."""
@@ -86,7 +86,7 @@ class CheckpointingMixin:
     # ----------------------------------------------------------------------------------- output folder
     def _lock_output_dir(self) -> None:
         """The main process takes `output_dir/.lock`; every process raises if it could not."""
-        failure = None
+        self._lock, failure = OutputDirLock(self.args.output_dir), None
         if self.accelerator.is_main_process:
             try:
                 self._lock.acquire()
