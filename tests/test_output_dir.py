@@ -127,3 +127,16 @@ def test_a_second_run_is_locked_out_and_a_dead_runs_lock_is_taken_over(pairs, ma
         trainer.train()
     assert "no longer runs" in caplog.text
     assert not lock.exists() and Path(args.output_dir, "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_fingerprint_ignores_cadence_and_length_but_not_what_is_learned(make_config) -> None:
+    def fingerprint(**overrides) -> str:
+        config = make_config(**overrides).to_dict()
+        identity = checkpoints.run_identity(config, method="dpo", base_model="m", dataset="d", adapter="a")
+        return checkpoints.fingerprint(identity)
+
+    same = fingerprint()
+    for harmless in (dict(max_steps=9), dict(output_dir="elsewhere"), dict(logging_steps=3), dict(learning_rate=1)):
+        assert fingerprint(**harmless) == same, harmless
+    for learned in (dict(seed=7), dict(beta=1.0), dict(lora_rank=4), dict(resolution=64), dict(use_lora=False)):
+        assert fingerprint(**learned) != same, learned
