@@ -82,6 +82,12 @@ class DiffusionTrainingConfig:
     """
 
     output_dir: str = _help("Where checkpoints, the final adapter and the model card are written.", "outputs")
+    overwrite_output_dir: bool = _help(
+        "A fresh run (no resume) into an `output_dir` holding another run's checkpoints or final output: False "
+        "refuses to start; True first deletes that run's checkpoint folders, run.json and training_config.json "
+        "(its weights and card are overwritten by this run's final save). Resuming never needs it.",
+        False,
+    )
     learning_rate: float = _help("Peak learning rate of the optimizer.", 1e-5)
     per_device_train_batch_size: int = _help(
         "Preference rows (pairs, or single images for unpaired objectives) per device per micro-step.", 4

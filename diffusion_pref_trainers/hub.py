@@ -28,8 +28,10 @@ from huggingface_hub.utils import filter_repo_objects
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples/validation.png"
-# Never uploaded: resumable training state, temporary folders and any pickled file.
+# Never uploaded: resumable training state, the folder's lock and run record, temporary folders and any pickle.
 IGNORE_PATTERNS = [
+    ".lock",  # the output folder's lock (`folder_lock`), held while a run pushes
+    "run.json",  # the run's identity for resuming (`checkpoints.RUN_FILE`): local paths, of no use on the Hub
     "checkpoint-*",
     "checkpoint-*/**",
     "tmp-checkpoint-*",

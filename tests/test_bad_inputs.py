@@ -8,6 +8,9 @@ docs/troubleshooting.md for what each failure means to a user.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,11 @@ import datasets
 import pytest
 from diffusers import UNet2DConditionModel
 
-from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer
+from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, checkpoints
+from diffusion_pref_trainers.adapters import ADAPTER_FILE
+from diffusion_pref_trainers.folder_lock import LOCK_FILE
+from diffusion_pref_trainers.optim import build_scheduler
+from diffusion_pref_trainers.state import STATE_FILE
 
 
 @dataclass
@@ -86,12 +93,134 @@ MODEL_CASES = [
 
 
 # ------------------------------------------------------------------------------------------------ resume
+def _old_run(env: Env, step: int = 1, **settings: Any) -> Path:
+    """`env.tmp/old`, holding a checkpoint at `step` of a run of `settings` (written without training)."""
+    args = env.config(output_dir=str(env.tmp / "old"), **settings)
+    trainer = env.trainer(args=args)
+    trainer.lr_scheduler = build_scheduler(args, trainer.optimizer, args.max_steps)
+    trainer.state.global_step = step
+    trainer._save_checkpoint()
+    return checkpoints.checkpoint_path(args.output_dir, step)
+
+
+def _resume(env: Env, checkpoint: Path, requested: str | None = None, **settings: Any) -> None:
+    """Resume `checkpoint` (or `requested`, e.g. 'latest', in its folder, which must come out unchanged) with the
+    default config and `settings`."""
+    args = env.config(output_dir=str(checkpoint.parent), **settings)
+    before = _snapshot(checkpoint.parent)
+    try:
+        env.trainer(args=args).train(resume_from_checkpoint=requested or str(checkpoint))
+    finally:
+        assert _snapshot(checkpoint.parent) == before, "the old run's folder changed"
+
+
+def _truncate(path: Path) -> Path:
+    """Cut `path` to half its size, as a crash while copying would; returns its checkpoint folder."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path.parent
+
+
+def _fresh_run_into(env: Env, folder: Path, **settings: Any) -> None:
+    """A fresh run writing to `folder` (which must come out unchanged)."""
+    before = _snapshot(folder)
+    try:
+        env.trainer(args=env.config(output_dir=str(folder), **settings)).train()
+    finally:
+        assert _snapshot(folder) == before, "the folder changed"
+
+
+def _locked(env: Env) -> Path:
+    """`env.tmp/locked`, whose lock names a live process on this host (this test's parent)."""
+    folder = env.tmp / "locked"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    return folder
+
+
+def _without_run_record(checkpoint: Path) -> Path:
+    """A checkpoint as versions before run.json wrote it."""
+    (checkpoint / checkpoints.RUN_FILE).unlink()
+    return checkpoint
+
+
 RESUME_CASES = [
     Case(
         "resume from a folder that does not exist",
         lambda env: env.trainer().train(resume_from_checkpoint=str(env.tmp / "nowhere")),
         FileNotFoundError,
         "not a checkpoint folder",
+    ),
+    Case(
+        "resume a checkpoint of another run (other seed)",
+        lambda env: _resume(env, _old_run(env, seed=1), seed=2),
+        ValueError,
+        "checkpoint of another run; it differs in `seed`: 1 -> 2",
+    ),
+    Case(
+        "resume with another LoRA rank",
+        lambda env: _resume(env, _old_run(env, lora_rank=8), lora_rank=4),
+        ValueError,
+        "`lora_rank`: 8 -> 4",
+    ),
+    Case(
+        "resume with other LoRA target modules",
+        lambda env: _resume(env, _old_run(env), lora_target_modules=["to_q", "to_v"]),
+        ValueError,
+        "`lora_target_modules`: None -> ['to_q', 'to_v']",
+    ),
+    Case(
+        "resume full fine-tuning from a LoRA checkpoint",
+        lambda env: _resume(env, _old_run(env), use_lora=False),
+        ValueError,
+        "`use_lora`: True -> False",
+    ),
+    Case(
+        "resume with 'latest' where only another run's checkpoints are",
+        lambda env: _resume(env, _old_run(env, seed=3), "latest", seed=4),
+        ValueError,
+        "checkpoint of another run",
+    ),
+    Case(
+        "resume a checkpoint without run.json (older version)",
+        lambda env: _resume(env, _without_run_record(_old_run(env))),
+        ValueError,
+        "has no run.json",
+    ),
+    Case(
+        "resume a checkpoint already at max_steps",
+        lambda env: _resume(env, _old_run(env, step=2), max_steps=2),
+        ValueError,
+        "already complete at step 2",
+    ),
+    Case(
+        "resume from a truncated optimizer file",
+        lambda env: _resume(env, _truncate(_old_run(env) / "optimizer.safetensors")),
+        ValueError,
+        "is damaged: optimizer.safetensors",
+    ),
+    Case(
+        "resume from a truncated trainer_state.json",
+        lambda env: _resume(env, _truncate(_old_run(env) / STATE_FILE)),
+        ValueError,
+        "is damaged: trainer_state.json",
+    ),
+    Case(
+        "resume from truncated adapter weights",
+        lambda env: _resume(env, _truncate(_old_run(env) / ADAPTER_FILE)),
+        ValueError,
+        f"is damaged: {ADAPTER_FILE}",
+    ),
+    Case(
+        "fresh run into a folder holding another run's checkpoints",
+        lambda env: _fresh_run_into(env, _old_run(env).parent, seed=2),
+        ValueError,
+        "already holds another run's output",
+    ),
+    Case(
+        "run into a folder another live run has locked",
+        lambda env: _fresh_run_into(env, _locked(env)),
+        FileExistsError,
+        f"in use by another run (process {os.getppid()} ",
     ),
 ]
 

@@ -18,7 +18,7 @@ from diffusion_pref_trainers.trainers.checkpointing import MODEL_FILE
 # A LoRA checkpoint of one process: safetensors and JSON only, nothing that would be unpickled to resume.
 CHECKPOINT_FILES = [
     ADAPTER_FILE, "optimizer.json", "optimizer.safetensors", "random_states_0.json", "random_states_0.safetensors",
-    "scheduler.json", STATE_FILE,
+    "run.json", "scheduler.json", STATE_FILE,
 ]  # fmt: skip
 
 
@@ -52,18 +52,27 @@ def _train_logs(trainer: DiffusionDPOTrainer) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- folder helpers
+def _mark(folder: Path, identity: dict) -> None:
+    """Make `folder` a checkpoint of the run of `identity`."""
+    folder.mkdir()
+    checkpoints.write_run(folder, {"identity": identity, "fingerprint": checkpoints.fingerprint(identity)})
+
+
 def test_list_rotate_and_resolve(tmp_path) -> None:
+    ours, other = {"seed": 1}, {"seed": 2}
     for step in (10, 2, 30):
-        checkpoints.checkpoint_path(tmp_path, step).mkdir()
+        _mark(checkpoints.checkpoint_path(tmp_path, step), ours)
+    _mark(checkpoints.checkpoint_path(tmp_path, 50), other)  # another run's, newest of all
     checkpoints.temporary_path(tmp_path, 40).mkdir()  # a save that never finished
     found = [path.name for path in checkpoints.list_checkpoints(tmp_path)]
-    assert found == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]  # numeric order, the tmp folder ignored
-    assert checkpoints.resolve(tmp_path, "latest").name == "checkpoint-30"
-    assert checkpoints.resolve(tmp_path, True).name == "checkpoint-30"
-    assert checkpoints.resolve(tmp_path, None) is None
-    assert checkpoints.rotate(tmp_path, None) == []
-    assert [p.name for p in checkpoints.rotate(tmp_path, 2)] == ["checkpoint-2"]
-    assert _names(tmp_path) == ["checkpoint-10", "checkpoint-30", "tmp-checkpoint-40"]
+    assert found == ["checkpoint-2", "checkpoint-10", "checkpoint-30", "checkpoint-50"]  # numeric, tmp ignored
+    fp = checkpoints.fingerprint(ours)
+    assert checkpoints.resolve(tmp_path, "latest", fp).name == "checkpoint-30"  # the newest of this run
+    assert checkpoints.resolve(tmp_path, True, fp).name == "checkpoint-30"
+    assert checkpoints.resolve(tmp_path, None, fp) is None
+    assert checkpoints.rotate(tmp_path, None, fp) == []
+    assert [p.name for p in checkpoints.rotate(tmp_path, 1, fp)] == ["checkpoint-2", "checkpoint-10"]
+    assert _names(tmp_path) == ["checkpoint-30", "checkpoint-50", "tmp-checkpoint-40"]  # the other run's kept
 
 
 def test_commit_replaces_a_stale_checkpoint_in_one_rename(tmp_path) -> None:
@@ -80,9 +89,9 @@ def test_commit_replaces_a_stale_checkpoint_in_one_rename(tmp_path) -> None:
 
 def test_resolve_explains_what_is_missing(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="No checkpoint-\\* folder in"):
-        checkpoints.resolve(tmp_path, "latest")
+        checkpoints.resolve(tmp_path, "latest", "0")
     with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
-        checkpoints.resolve(tmp_path, str(tmp_path / "checkpoint-7"))
+        checkpoints.resolve(tmp_path, str(tmp_path / "checkpoint-7"), "0")
 
 
 # ------------------------------------------------------------------------------------ while training
@@ -136,7 +145,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(pair
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     assert _names(args.output_dir) == ["checkpoint-2", "tmp-checkpoint-4"]
-    assert checkpoints.resolve(args.output_dir, "latest").name == "checkpoint-2"
+    assert checkpoints.resolve(args.output_dir, "latest", trainer._fingerprint).name == "checkpoint-2"
     # A file the unfinished save left (here: a pickle an older version wrote) must not end up in the new checkpoint.
     (checkpoints.temporary_path(args.output_dir, 4) / "optimizer.bin").write_bytes(b"pickle")
 

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, DiffusionRPOConfig, DiffusionRPOTrainer
+from diffusion_pref_trainers import (
+    DiffusionDPOConfig,
+    DiffusionDPOTrainer,
+    DiffusionRPOConfig,
+    DiffusionRPOTrainer,
+    TrainerCallback,
+)
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import collate
 from diffusion_pref_trainers.families import get_family
@@ -316,6 +322,15 @@ def test_text_encoder_lora_stays_identical_across_two_processes(tmp_path, launch
     assert reports[0]["text_encoder"] == pytest.approx(reports[1]["text_encoder"], rel=1e-12, abs=1e-12)
 
 
+class _Stopped(Exception):
+    """Stands for a run stopped once its checkpoint is restored."""
+
+
+class _StopAtBegin(TrainerCallback):
+    def on_train_begin(self, trainer) -> None:
+        raise _Stopped
+
+
 def test_checkpoints_hold_and_restore_the_text_encoder_adapters(tmp_path) -> None:
     args = _dpo_config(tmp_path, per_device_train_batch_size=2, max_steps=2, save_steps=2, train_text_encoder=True)
     data = make_preference_dataset(4)
@@ -324,9 +339,11 @@ def test_checkpoints_hold_and_restore_the_text_encoder_adapters(tmp_path) -> Non
     files = {path.name for path in (Path(args.output_dir) / "checkpoint-2").iterdir()}
     assert {"text_encoder_adapter_model.safetensors", "text_encoder_2_adapter_model.safetensors"} <= files
 
-    resumed = DiffusionDPOTrainer(tiny_sdxl_pipeline(), args, data)
+    args.max_steps = 3  # one step more, stopped before it: only the restore happens
+    resumed = DiffusionDPOTrainer(tiny_sdxl_pipeline(), args, data, callbacks=[_StopAtBegin()])
     fresh = [p.detach().clone() for p in resumed.text_encoder_parameters]
-    resumed.train(resume_from_checkpoint="latest")  # already at max_steps: only the restore happens
+    with pytest.raises(_Stopped):
+        resumed.train(resume_from_checkpoint="latest")
     for saved, restored in zip(trained.text_encoder_parameters, resumed.text_encoder_parameters, strict=True):
         assert torch.equal(saved, restored)
     assert any(not torch.equal(a, b) for a, b in zip(fresh, trained.text_encoder_parameters, strict=True))

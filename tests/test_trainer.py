@@ -285,7 +285,7 @@ def test_swap_preferences_trains_on_the_rejected_image_as_winner(pairs, make_con
     assert torch.equal(swapped.train_dataset[0]["pixel_values"], plain.flip(0))
 
 
-def test_unreadable_images_are_counted_in_the_logs_or_fail_with_the_row(make_config) -> None:
+def test_unreadable_images_are_counted_in_the_logs_or_fail_with_the_row(make_config, tmp_path) -> None:
     rows = make_preference_dataset(4, schema="pickapic").to_dict()
     rows["jpg_0"][2] = b"not an image"
     broken = datasets.Dataset.from_dict(rows)
@@ -293,7 +293,8 @@ def test_unreadable_images_are_counted_in_the_logs_or_fail_with_the_row(make_con
     trainer.train()
     assert trainer.state.skipped_rows == 1
     assert trainer.state.log_history[0]["data/skipped_rows"] == 1.0
-    strict = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(max_steps=1, skip_bad_images=False), broken)
+    strict_args = make_config(max_steps=1, skip_bad_images=False, output_dir=str(tmp_path / "strict"))
+    strict = DiffusionDPOTrainer(tiny_sd_pipeline(), strict_args, broken)
     with pytest.raises(BadImageError, match="Row 2"):
         strict.train()
 

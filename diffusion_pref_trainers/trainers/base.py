@@ -26,7 +26,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from diffusion_pref_trainers import adapters, cache, checkpoints, hub, offload, speed
+from diffusion_pref_trainers import adapters, cache, hub, offload, speed
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     PAIRED_SCHEMAS,
@@ -106,6 +106,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self._validate()
 
         self._setup_model(peft_config)
+        self._identify_run()
         idle = offload.modules_to_offload(self.family, self.args, trained_text_encoders=bool(self.text_encoders))
         self.encoder_offload = offload.EncoderOffload(idle, self.accelerator.device)
         self.train_dataset, self.eval_dataset = self._cached(self.train_dataset), self._cached(self.eval_dataset)
@@ -374,9 +375,18 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self.state.max_steps = total
         if self.lr_scheduler is None:
             self.lr_scheduler = build_scheduler(args, self.optimizer, total)  # checkpointed as JSON
-        resume = checkpoints.resolve(args.output_dir, resume_from_checkpoint or args.resume_from_checkpoint)
-        if resume is not None:
-            self._load_checkpoint(resume)
+        self._lock_output_dir()
+        try:  # the lock goes with the run, whether it ends in success or an error
+            resume = self._prepare_output_dir(resume_from_checkpoint or args.resume_from_checkpoint, total)
+            if resume is not None:
+                self._load_checkpoint(resume)
+            return self._train_locked(total, per_epoch)
+        finally:
+            self._lock.release()
+
+    def _train_locked(self, total: int, per_epoch: int | None) -> TrainerState:
+        """The loop, the final evaluation, save and push of `train()`, once the output folder is this run's."""
+        args = self.args
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             self.accelerator.init_trackers(self.method.replace("-", "_"), config=loggable_config(args.to_dict()))

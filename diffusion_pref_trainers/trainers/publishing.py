@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from diffusion_pref_trainers import adapters, hub
+from diffusion_pref_trainers import adapters, checkpoints, hub
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class PublishingMixin:
         else:
             self._unwrapped.save_pretrained(str(folder / self.family.denoiser_attr), safe_serialization=True)
         (folder / "training_config.json").write_text(json.dumps(loggable_config(self.args.to_dict()), indent=2))
+        checkpoints.write_run(folder, self._run_record())  # whose weights these are, and any resumes' changes
         self.model_card(folder.name, folder=folder).save(str(folder / "README.md"))
 
     def model_card(self, repo_id: str, *, folder: str | Path | None = None, for_hub: bool = False) -> Any:
