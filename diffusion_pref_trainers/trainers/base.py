@@ -498,8 +498,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             raise RuntimeError(
                 f"Training stopped: {len(state.nonfinite_streak)} optimizer steps in a row (steps "
                 f"{state.nonfinite_streak}) had a non-finite loss or gradient norm (`max_nonfinite_steps="
-                f"{self.args.max_nonfinite_steps}`). They were skipped and no model was saved; the checkpoints in "
-                f"{self.args.output_dir} hold finite weights. Lower `learning_rate` or `beta`, check the data for "
+                f"{self.args.max_nonfinite_steps}`). They were skipped and no model was saved; any checkpoint in "
+                f"{self.args.output_dir} holds finite weights. Lower `learning_rate` or `beta`, check the data for "
                 "broken rows, or train with mixed_precision='bf16' or 'no' instead of 'fp16'."
             )
 

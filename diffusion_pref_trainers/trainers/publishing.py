@@ -28,8 +28,8 @@ class PublishingMixin:
 
         LoRA: `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(folder)`.
         Full fine-tuning: the denoiser in a sub-folder named like the pipeline's (e.g. `unet/`), as safetensors.
-        Non-finite weights are refused (nothing is written); the files are written beside the folder's and renamed
-        into place once flushed to disk, so a crash never leaves a half-written model.
+        Non-finite weights are refused (nothing is written); the files are written into `tmp-model/` inside the
+        folder and renamed into place once flushed to disk, so a crash never leaves a half-written model.
         """
         folder = Path(output_dir or self.args.output_dir)
         self._check_finite_weights(f"the model to {folder}")
