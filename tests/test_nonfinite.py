@@ -166,3 +166,13 @@ def test_an_adapter_state_missing_weights_is_refused(tiny_pipe_dir, pairs, make_
     with pytest.raises(ValueError, match="missing") as raised:
         adapters.load_adapter_state(trainer._unwrapped, str(path))
     assert str(path) in str(raised.value) and dropped in str(raised.value)
+
+
+def test_a_nan_on_one_process_skips_the_step_on_every_process(tmp_path, launch_two_processes) -> None:
+    launch_two_processes("ddp_nonfinite.py", str(tmp_path))
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["nonfinite_steps"] == 1 and report["optimizer_steps"] == [2]
+        assert report["logged"] == [0.0, 1.0, 1.0]
+        assert all(math.isfinite(value) for value in report["weights"])
+    assert reports[0]["weights"] == reports[1]["weights"]  # still in lockstep
