@@ -1,4 +1,7 @@
-"""Checkpoint folders: written atomically (flushed to disk, then renamed), rotated, and found again for resuming."""
+"""Checkpoint folders: written atomically (flushed to disk, then renamed), rotated, and found again for resuming.
+
+The final save (`save_model`) moves its files into place with the same flushing and renaming (`move_into`).
+"""
 
 from __future__ import annotations
 
