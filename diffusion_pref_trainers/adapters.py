@@ -96,11 +96,17 @@ def save_adapter_state(denoiser: nn.Module, path: str) -> None:
 
 
 def load_adapter_state(denoiser: nn.Module, path: str) -> None:
-    """Load adapter weights written by `save_adapter_state`; any key mismatch is an error."""
-    result = set_peft_model_state_dict(denoiser, load_file(path))
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"{path} holds weights this model's adapters do not have: {unexpected[:5]}")
+    """Load adapter weights written by `save_adapter_state`; a missing or an unexpected weight is an error."""
+    stored = load_file(path)
+    expected = get_peft_model_state_dict(denoiser)
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not hold this model's adapters (missing {missing[:5]}, unexpected {unexpected[:5]}): it "
+            "was written for other `lora_target_modules` or `lora_rank`, or is incomplete; resume from a checkpoint "
+            "of this run's settings."
+        )
+    set_peft_model_state_dict(denoiser, stored)
 
 
 def load_saved_lora(

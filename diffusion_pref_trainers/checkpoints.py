@@ -3,6 +3,8 @@
 Every checkpoint and every final output holds `run.json`: the run's identity (the settings, data, base model and
 method its result depends on) and its fingerprint, a hash of that identity. A resume, 'latest' and rotation only
 ever touch checkpoints of the same fingerprint.
+
+The final save (`save_model`) moves its files into place with the same flushing and renaming (`move_into`).
 """
 
 from __future__ import annotations
@@ -55,12 +57,62 @@ def clear_temporary(folder: str | Path) -> None:
 
 
 def commit(output_dir: str | Path, step: int) -> Path:
-    """Move a fully written temporary checkpoint into place in one rename (no half-written folder)."""
+    """Move a fully written temporary checkpoint into place in one rename (no half-written folder).
+
+    Its files are flushed to disk first, and the rename after: a crash leaves either the whole checkpoint or none.
+    """
     final, tmp = checkpoint_path(output_dir, step), temporary_path(output_dir, step)
+    plain_permissions(tmp)
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(output_dir)
     return final
+
+
+def plain_permissions(folder: str | Path) -> None:
+    """Give every file under `folder` the permissions a plain `open()` gives (safetensors writes files as 0600)."""
+    probe = Path(folder, ".permissions-probe")
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's contents, or a folder's list of entries (a rename in it), to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under `folder`, then every folder from the deepest up, to disk."""
+    paths = sorted(Path(folder).rglob("*"), key=lambda path: len(path.parts), reverse=True)
+    for path in [*(p for p in paths if p.is_file()), *(p for p in paths if p.is_dir()), Path(folder)]:
+        fsync_path(path)
+
+
+def move_into(staging: str | Path, folder: str | Path) -> None:
+    """Flush the files written into `staging`, rename each into `folder` (replacing what is there), remove `staging`.
+
+    A file is replaced in one rename; a sub-folder (a full fine-tune's `unet/`) is removed first, then renamed in.
+    """
+    staging, folder = Path(staging), Path(folder)
+    plain_permissions(staging)
+    fsync_tree(staging)
+    for entry in sorted(staging.iterdir()):
+        target = folder / entry.name
+        if entry.is_dir() and target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+    fsync_path(folder)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

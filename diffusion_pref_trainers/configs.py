@@ -43,6 +43,18 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_finite_numbers(config: Any) -> None:
+    """Reject NaN and infinity in every float-valued field, naming the field (they would train a NaN model)."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float):
+            _check(
+                math.isfinite(value),
+                f"`{item.name}` must be a finite number, got {value}: NaN or infinity would make every training "
+                "step non-finite.",
+            )
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Reject a value outside `choices`, listing the accepted ones."""
     _check(value in choices, f"`{name}={value!r}` is not supported; choose one of {', '.join(choices)}.")
@@ -99,6 +111,12 @@ class DiffusionTrainingConfig:
     lr_scheduler_type: str = _help(f"Learning-rate schedule, one of {', '.join(LR_SCHEDULERS)}.", "constant")
     warmup_steps: int = _help("Optimizer steps of linear warm-up.", 0)
     max_grad_norm: float = _help("Gradient clipping norm; 0 disables clipping.", 1.0)
+    max_nonfinite_steps: int = _help(
+        "Optimizer steps in a row whose loss or gradient norm may be non-finite (NaN or inf) before training stops "
+        "with an error. Each such step is skipped (no update) and counted as `train/nonfinite_steps`; with fp16 the "
+        "loss scaler skips gradient overflows itself, so there only a non-finite loss counts.",
+        3,
+    )
     adam_beta1: float = _help("AdamW beta1.", 0.9)
     adam_beta2: float = _help("AdamW beta2.", 0.999)
     adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
@@ -286,6 +304,7 @@ class DiffusionTrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_finite_numbers(self)
         _check(self.learning_rate > 0, f"`learning_rate` must be > 0, got {self.learning_rate}.")
         _check(
             self.per_device_train_batch_size >= 1,
@@ -300,6 +319,7 @@ class DiffusionTrainingConfig:
         )
         _check(self.warmup_steps >= 0, "`warmup_steps` must be >= 0.")
         _check(self.max_grad_norm >= 0, "`max_grad_norm` must be >= 0 (0 disables clipping).")
+        _check(self.max_nonfinite_steps >= 1, f"`max_nonfinite_steps` must be >= 1, got {self.max_nonfinite_steps}.")
         _check(self.logging_steps >= 1, "`logging_steps` must be >= 1.")
         _check(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints).")
         _check(self.eval_steps >= 0, "`eval_steps` must be >= 0.")

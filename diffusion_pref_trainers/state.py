@@ -22,6 +22,8 @@ class TrainerState:
     empty_prompts: int = 0
     truncated_prompts: int = 0
     dropped_ties: int = 0
+    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in all
+    nonfinite_streak: list[int] = field(default_factory=list)  # the steps of the current run of such skips
 
     def save(self, folder: str | Path) -> None:
         """Write the state as JSON into `folder`."""

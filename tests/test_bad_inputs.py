@@ -25,6 +25,7 @@ from diffusion_pref_trainers.adapters import ADAPTER_FILE
 from diffusion_pref_trainers.folder_lock import LOCK_FILE
 from diffusion_pref_trainers.optim import build_scheduler
 from diffusion_pref_trainers.state import STATE_FILE
+from diffusion_pref_trainers.configs import DiffusionKTOConfig, DiffusionMaPOConfig, DiffusionRPOConfig
 
 
 @dataclass
@@ -225,6 +226,33 @@ RESUME_CASES = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------ guard
+GUARD_CASES: list[Case] = [
+    Case("infinite learning rate", lambda env: env.config(learning_rate=float("inf")), ValueError, "learning_rate"),
+    Case("NaN max_grad_norm", lambda env: env.config(max_grad_norm=float("nan")), ValueError, "`max_grad_norm`"),
+    Case("infinite DPO beta", lambda env: env.config(beta=float("inf")), ValueError, "`beta` must be a finite"),
+    Case(
+        "NaN KTO beta",
+        lambda env: env.config(DiffusionKTOConfig, beta=float("nan")),
+        ValueError,
+        "`beta` must be a finite",
+    ),
+    Case(
+        "infinite MaPO beta",
+        lambda env: env.config(DiffusionMaPOConfig, beta=float("inf")),
+        ValueError,
+        "`beta` must be a finite",
+    ),
+    Case(
+        "infinite RPO distance temperature",
+        lambda env: env.config(DiffusionRPOConfig, distance_temperature=float("inf")),
+        ValueError,
+        "`distance_temperature` must be a finite",
+    ),
+    Case("max_nonfinite_steps of 0", lambda env: env.config(max_nonfinite_steps=0), ValueError, "max_nonfinite_steps"),
+]
+
+
 # ------------------------------------------------------------------------------------------------ command line
 CLI_CASES: list[Case] = []
 
@@ -237,7 +265,7 @@ HUB_CASES: list[Case] = []
 DEVICE_CASES: list[Case] = []
 
 
-CASES = CONFIG_CASES + DATA_CASES + MODEL_CASES + RESUME_CASES + CLI_CASES + HUB_CASES + DEVICE_CASES
+CASES = CONFIG_CASES + DATA_CASES + MODEL_CASES + RESUME_CASES + GUARD_CASES + CLI_CASES + HUB_CASES + DEVICE_CASES
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:

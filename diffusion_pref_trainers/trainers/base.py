@@ -114,6 +114,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self.denoiser, self.optimizer = self.accelerator.prepare(self.family.denoiser, self.optimizer)
         self.lr_scheduler = None
         self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
+        self._step_metrics: dict[str, list[torch.Tensor]] = {}  # the micro-batches of the optimizer step under way
         self._hub_repo_id: str | None = None
         self._push_executor: ThreadPoolExecutor | None = None
         self._push_future: Future | None = None
@@ -452,18 +453,65 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             model_err, ref_err = self.denoising_errors(batch, generator)
             loss, metrics = self.compute_loss(model_err, ref_err, batch)
             self.accelerator.backward(loss)
+            for key, value in {"loss": loss, **metrics}.items():
+                self._step_metrics.setdefault(key, []).append(value.detach().float())
             if self.accelerator.sync_gradients:
-                self._sync_text_encoder_gradients()
-                norm = self._clip_gradients()
-                pending.setdefault("grad_norm", []).append(norm)
-            self.optimizer.step()
-            if self.accelerator.sync_gradients:
-                self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                self._optimizer_step(pending)
+            self.optimizer.zero_grad(set_to_none=True)  # also drops a skipped step's gradients
         self._count_rows(batch)
-        metrics = {"loss": loss.detach(), **metrics}
-        for key, value in metrics.items():
-            pending.setdefault(key, []).append(value.detach().float())
+
+    def _optimizer_step(self, pending: dict[str, list[torch.Tensor]]) -> None:
+        """Clip and step, or skip a non-finite step; its metrics join the logging window only when it is kept.
+
+        The LR schedule advances on a skipped step too: the step counts (`global_step`), so the learning rate stays
+        a function of the step, the schedule ends on time and a resume is exact.
+        """
+        self._sync_text_encoder_gradients()
+        norm = self._clip_gradients()
+        metrics, self._step_metrics = self._step_metrics, {}
+        if self._step_is_finite(metrics["loss"], norm):
+            self.optimizer.step()
+            self.state.nonfinite_streak = []
+            for key, values in {**metrics, "grad_norm": [norm]}.items():
+                pending.setdefault(key, []).extend(values)
+        else:
+            self._skip_step()
+        self.lr_scheduler.step()
+
+    def _step_is_finite(self, losses: list[torch.Tensor], norm: torch.Tensor) -> bool:
+        """Whether every process's losses of this step, and its gradient norm, are finite.
+
+        The flag is reduced across processes so that all of them step or skip together (DDP stays in lockstep):
+        one host read per optimizer step, never per micro-batch. Under fp16 the loss scaler skips gradient
+        overflows itself (and backs off its scale), so only the loss counts there.
+        """
+        finite = torch.stack(losses).isfinite().all()
+        if self.accelerator.scaler is None:
+            finite = finite & norm.isfinite().to(finite.device)
+        flags = (~finite).float().to(self.accelerator.device)
+        return self.accelerator.reduce(flags, reduction="sum").item() == 0
+
+    def _skip_step(self) -> None:
+        """Leave the weights and the optimizer state as they are; count the step, and stop after too many in a row."""
+        step, state = self.state.global_step + 1, self.state
+        state.nonfinite_steps += 1
+        state.nonfinite_streak.append(step)
+        scaler = self.accelerator.scaler
+        if scaler is not None:  # close the loss scaler's step as an overflow would: its scale backs off
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        logger.warning(
+            "Step %d: the loss or gradient norm is not finite (NaN or inf) on at least one process; the step is "
+            "skipped, nothing is updated (%d in a row, %d in this run).",
+            step, len(state.nonfinite_streak), state.nonfinite_steps,
+        )  # fmt: skip
+        if len(state.nonfinite_streak) >= self.args.max_nonfinite_steps:
+            raise RuntimeError(
+                f"Training stopped: {len(state.nonfinite_streak)} optimizer steps in a row (steps "
+                f"{state.nonfinite_streak}) had a non-finite loss or gradient norm (`max_nonfinite_steps="
+                f"{self.args.max_nonfinite_steps}`). They were skipped and no model was saved; any checkpoint in "
+                f"{self.args.output_dir} holds finite weights. Lower `learning_rate` or `beta`, check the data for "
+                "broken rows, or train with mixed_precision='bf16' or 'no' instead of 'fp16'."
+            )
 
     def _count_rows(self, batch: dict[str, Any]) -> None:
         """Add a micro-batch's specially handled rows (see `DATA_COUNTS`) to the counts of the logging window."""
@@ -494,7 +542,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         """Logging, evaluation and checkpoints on their schedules."""
         args, step = self.args, self.state.global_step
         if step % args.logging_steps == 0 or step == self.state.max_steps:
-            logs = self._reduce(pending)
+            logs = self._reduce(pending) if pending else {}  # empty when every step of the window was skipped
             counts = torch.tensor(
                 [float(self._counts_pending[key]) for key in DATA_COUNTS], device=self.accelerator.device
             )
@@ -502,10 +550,13 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                 setattr(self.state, key, getattr(self.state, key) + int(count))
                 logs[f"data/{key}"] = float(getattr(self.state, key))
             self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
+            logs["train/nonfinite_steps"] = float(self.state.nonfinite_steps)
             logs["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
             pending.clear()
             self._log(logs)
-            progress.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}")
+            progress.set_postfix(
+                loss=f"{logs.get('loss', float('nan')):.4g}", acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}"
+            )
         if self.eval_dataset is not None and args.eval_steps and step % args.eval_steps == 0:
             self._log(self.evaluate())
         if args.save_steps and step % args.save_steps == 0:

@@ -138,8 +138,9 @@ class CheckpointingMixin:
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self) -> None:
-        """Write the training state into a temporary folder, then rename it into place."""
+        """Write the training state into a temporary folder, then rename it into place (finite weights only)."""
         step, out = self.state.global_step, self.args.output_dir
+        self._check_finite_weights(f"checkpoint-{step}")
         tmp = checkpoints.temporary_path(out, step)
         self._write_training_state(tmp)
         self.accelerator.wait_for_everyone()  # every process's random states are on disk before the rename
@@ -215,6 +216,26 @@ class CheckpointingMixin:
             logger.warning("Resuming %s with these settings changed, from step %d on: %s", folder,
                            self.state.global_step, "; ".join(changed))  # fmt: skip
             self._resumes.append({"step": self.state.global_step, "checkpoint": folder.name, "changed": changed})
+
+    def _check_finite_weights(self, what: str) -> None:
+        """Refuse to write `what` when a trained weight holds NaN or infinity, naming the first such parameter.
+
+        Every process checks (their weights are the same), so all raise together before anything is written.
+        """
+        named = [
+            (f"{attr}.{name}", param)
+            for attr, module in {self.family.denoiser_attr: self._unwrapped, **self.text_encoders}.items()
+            for name, param in module.named_parameters()
+            if param.requires_grad
+        ]
+        finite = torch.stack([param.detach().isfinite().all() for _, param in named]).tolist()  # one host read
+        if not all(finite):
+            name = named[finite.index(False)][0]
+            raise RuntimeError(
+                f"Not writing {what}: the trained parameter {name} holds non-finite values (NaN or inf), so the "
+                "model diverged; nothing was written and earlier checkpoints are kept. Lower `learning_rate` or "
+                "`beta`, check the data for broken rows, or train with mixed_precision='bf16' or 'no'."
+            )
 
     def _checkpointed_modules(self) -> dict[str, nn.Module]:
         """The trained modules by file name: with LoRA only the adapters (megabytes), else the whole denoiser."""

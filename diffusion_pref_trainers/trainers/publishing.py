@@ -17,6 +17,7 @@ from typing import Any
 from diffusion_pref_trainers import adapters, checkpoints, hub
 
 logger = logging.getLogger(__name__)
+STAGING = "tmp-model"  # the folder, inside the output folder, a save is written into before it is moved into place
 
 
 class PublishingMixin:
@@ -27,8 +28,11 @@ class PublishingMixin:
 
         LoRA: `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(folder)`.
         Full fine-tuning: the denoiser in a sub-folder named like the pipeline's (e.g. `unet/`), as safetensors.
+        Non-finite weights are refused (nothing is written); the files are written into `tmp-model/` inside the
+        folder and renamed into place once flushed to disk, so a crash never leaves a half-written model.
         """
         folder = Path(output_dir or self.args.output_dir)
+        self._check_finite_weights(f"the model to {folder}")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self._write_model(folder)
@@ -36,16 +40,23 @@ class PublishingMixin:
         return str(folder)
 
     def _write_model(self, folder: Path) -> None:
-        """Weights, `training_config.json` (no token) and the local model card into `folder`; main process only."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """Weights, `training_config.json` (no token) and the local model card into `folder`; main process only.
+
+        All are written into `folder/tmp-model/` first (a leftover of a crashed save is cleared), then moved in.
+        """
+        staging = folder / STAGING
+        checkpoints.clear_temporary(staging)
+        staging.mkdir(parents=True)
         if self.peft_config is not None:
             modules = {self.family.denoiser_attr: self._unwrapped, **self.text_encoders}
-            self.family.save_lora_weights(str(folder), modules)
+            self.family.save_lora_weights(str(staging), modules)
         else:
-            self._unwrapped.save_pretrained(str(folder / self.family.denoiser_attr), safe_serialization=True)
-        (folder / "training_config.json").write_text(json.dumps(loggable_config(self.args.to_dict()), indent=2))
-        checkpoints.write_run(folder, self._run_record())  # whose weights these are, and any resumes' changes
-        self.model_card(folder.name, folder=folder).save(str(folder / "README.md"))
+            self._unwrapped.save_pretrained(str(staging / self.family.denoiser_attr), safe_serialization=True)
+        (staging / "training_config.json").write_text(json.dumps(loggable_config(self.args.to_dict()), indent=2))
+        checkpoints.write_run(staging, self._run_record())  # whose weights these are, and any resumes' changes
+        card = self.model_card(folder.name, folder=folder)  # the sample grid, if any, lies in `folder`
+        card.save(str(staging / "README.md"))
+        checkpoints.move_into(staging, folder)
 
     def model_card(self, repo_id: str, *, folder: str | Path | None = None, for_hub: bool = False) -> Any:
         """The model card of this run (base model, method, hyperparameters, dataset, samples, final metrics).
