@@ -22,10 +22,10 @@ from diffusers import UNet2DConditionModel
 
 from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, checkpoints
 from diffusion_pref_trainers.adapters import ADAPTER_FILE
+from diffusion_pref_trainers.configs import DiffusionKTOConfig, DiffusionMaPOConfig, DiffusionRPOConfig
 from diffusion_pref_trainers.folder_lock import LOCK_FILE
 from diffusion_pref_trainers.optim import build_scheduler
 from diffusion_pref_trainers.state import STATE_FILE
-from diffusion_pref_trainers.configs import DiffusionKTOConfig, DiffusionMaPOConfig, DiffusionRPOConfig
 
 
 @dataclass

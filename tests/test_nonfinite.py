@@ -128,7 +128,7 @@ def test_the_final_save_is_atomic_with_plain_permissions(tiny_pipe_dir, pairs, m
     out = Path(trainer.save_model())
     before = (out / LORA_FILE).read_bytes()
     assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == {
-        name: _plain_mode() for name in (LORA_FILE, "training_config.json", "README.md")
+        name: _plain_mode() for name in (LORA_FILE, "training_config.json", "run.json", "README.md")
     }
 
     with torch.no_grad():
