@@ -131,6 +131,11 @@ def cache_dataset(
         logger.info("Precompute cache miss: encoding %d rows into %s", len(wrapped), path)
         folder.mkdir(parents=True, exist_ok=True)
         rows = _build(wrapped, encoders, path, fingerprint, batch_size)
+        unreadable = rows.data.column("readable").to_pylist().count(False)
+        if unreadable:  # one warning for the build; each row is logged at DEBUG level
+            logger.warning(
+                "%d of %d rows have unreadable images: training reads the next one instead.", unreadable, len(rows)
+            )
     return CachedPreferenceDataset(rows, wrapped.processor, wrapped.seed, wrapped.skip_bad_images, cond_dtype, path)
 
 
@@ -148,7 +153,7 @@ def _build(
         except DECODE_ERRORS as error:
             if not wrapped.skip_bad_images:
                 raise BadImageError(f"Row {index}: cannot read its image ({error}).") from error
-            logger.warning("Row %d: cannot read its image (%s); the cache marks it unreadable.", index, error)
+            logger.debug("Row %d: cannot read its image (%s); the cache marks it unreadable.", index, error)
             return None
 
     # The first readable row gives the stored shapes; unreadable rows are kept (as zeros) so indices stay those

@@ -185,10 +185,11 @@ class DiffusionTrainingConfig:
     resolution: int = _help("Training images are resized and cropped to this square size in pixels.", 512)
     random_flip: bool = _help("Flip each pair horizontally with probability 0.5 (same flip for both images).", False)
     center_crop: bool = _help("Crop the centre after resizing; False crops at a random position.", True)
-    drop_ties: bool = _help("Drop Pick-a-Pic rows whose `label_0` is 0.5 (a tie).", True)
+    drop_ties: bool = _help("Drop Pick-a-Pic rows whose `label_0` is 0.5 (a tie, in any accepted spelling).", True)
     skip_bad_images: bool = _help(
-        "Replace rows whose images cannot be decoded by the next readable row and count them; "
-        "False raises with the row index.",
+        "Replace rows whose images cannot be decoded by the next readable row, count them and warn once; "
+        "False raises with the row index (at construction for the rows probed). Either way, data whose probed "
+        "rows are all unreadable is an error before any compute.",
         True,
     )
     dataset_config: str | None = _help(
@@ -200,7 +201,8 @@ class DiffusionTrainingConfig:
     )
     dataset_test_split: str | None = _help(
         "Split evaluated on: read from the training source when no `eval_dataset` is given (None: no "
-        "evaluation), and from an `eval_dataset` given as an id, path or `DatasetDict` (None there: 'test').",
+        "evaluation; a plain `Dataset` has no splits, an error), and from an `eval_dataset` given as an id, "
+        "path or `DatasetDict` (None there: 'test').",
         None,
     )
     dataset_streaming: bool = _help(

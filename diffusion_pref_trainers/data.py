@@ -19,13 +19,18 @@ import abc
 import hashlib
 import io
 import logging
+import numbers
 import random
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageFile, ImageOps
 
@@ -44,10 +49,108 @@ DECODE_ERRORS = (OSError, ValueError, TypeError, SyntaxError)
 # Images whose long side exceeds this many times the short side are skipped: a square crop of a banner or a
 # one-pixel line shows almost nothing the caption describes, and resizing its short side blows up memory.
 MAX_ASPECT_RATIO = 10.0
+# Arrow types an image column may have besides `Image()`: encoded bytes or file paths.
+IMAGE_VALUE_TYPES = ("binary", "large_binary", "string", "large_string")
+# The label column of each labelled schema.
+LABEL_COLUMNS = {"pickapic": "label_0", "unpaired": "label"}
+# A decimal numeral without sign, exponent or spaces: the strings a `label_0` may be written as ("1", "0.5", "1.0").
+DECIMAL = re.compile(r"\d+\.?\d*|\.\d+")
+UNPAIRED_STRINGS = {"true": True, "false": False, "1": True, "0": False}
+LABEL_RULES = {
+    "label_0": "a Pick-a-Pic `label_0` must be 1 (image 0 preferred), 0 (image 1 preferred) or 0.5 (a tie): a number, "
+    "a boolean or a decimal string such as '1' or '0.5'",
+    "label": "an unpaired `label` must be True/1 (desirable) or False/0 (undesirable): a boolean, the number 0 or 1, "
+    "or one of the strings 'true', 'false', '1', '0' (any case)",
+}
+# Rows decoded at construction, spread over the dataset (the first ones of a stream), to catch unreadable data early.
+PROBE_ROWS = 8
 
 
 class BadImageError(ValueError):
     """A row's image cannot be decoded; carries the row index so the user can find it."""
+
+
+class LabelError(ValueError):
+    """A row's preference label is not one of the accepted values; the message names the column, row and value."""
+
+
+def paired_label(value: Any) -> float:
+    """A Pick-a-Pic `label_0` as 1.0, 0.5 or 0.0; raises `LabelError` for anything else (2, NaN, 'yes', None)."""
+    if isinstance(value, str) and DECIMAL.fullmatch(value):
+        value = float(value)
+    if isinstance(value, numbers.Real) and float(value) in (0.0, 0.5, 1.0):
+        return float(value)
+    raise LabelError(LABEL_RULES["label_0"])
+
+
+def unpaired_label(value: Any) -> bool:
+    """An unpaired `label` as a bool; raises `LabelError` for anything but booleans, 0/1 and their strings."""
+    if isinstance(value, str) and value.lower() in UNPAIRED_STRINGS:
+        return UNPAIRED_STRINGS[value.lower()]
+    if isinstance(value, numbers.Real) and float(value) in (0.0, 1.0):
+        return bool(value)
+    raise LabelError(LABEL_RULES["label"])
+
+
+LABEL_PARSERS = {"label_0": paired_label, "label": unpaired_label}
+
+
+def _label_error(column: str, row: int, value: Any, streamed: bool = False) -> LabelError:
+    """The error for one bad label, naming the column, the row and the value, and what is accepted."""
+    where = "Streamed row" if streamed else "Row"
+    return LabelError(
+        f"{where} {row}: `{column}` is {value!r}; {LABEL_RULES[column]}. Fix or drop the row "
+        "(e.g. `dataset.filter`), or map the right column with `column_mapping`."
+    )
+
+
+def validate_labels(dataset: Any, schema: str) -> Any:
+    """Check the schema's label column before any compute: at once for a map-style dataset, row by row as a stream
+    is read. A stream's labels come out normalised (float 0/0.5/1, bool); map-style ones are read through
+    `paired_label`/`unpaired_label` (rewriting an Arrow column would copy every image)."""
+    column = LABEL_COLUMNS.get(schema)
+    if column is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        features = dataset.features.copy() if dataset.features else None
+        if features is not None:
+            features[column] = datasets.Value("float64" if column == "label_0" else "bool")
+        return dataset.map(partial(_normalised_row, column), with_indices=True, features=features)
+    _check_label_column(dataset, column)
+    return dataset
+
+
+def _normalised_row(column: str, row: dict[str, Any], index: int) -> dict[str, Any]:
+    """A streamed row with its label normalised, or an error naming the row."""
+    try:
+        return {column: LABEL_PARSERS[column](row[column])}
+    except LabelError:
+        raise _label_error(column, index, row[column], streamed=True) from None
+
+
+def _check_label_column(dataset: datasets.Dataset, column: str) -> None:
+    """Parse each distinct value of the column once; the first row holding a rejected one raises."""
+    feature = dataset.features[column]
+    if not isinstance(feature, datasets.Value):
+        raise LabelError(
+            f"Column `{column}` holds {type(feature).__name__} values; {LABEL_RULES[column]}. "
+            "Map the right column with `column_mapping`."
+        )
+    values = pa.chunked_array(dataset.with_format("arrow")[column])
+    accepted = [value for value in pc.unique(values).to_pylist() if _parses(LABEL_PARSERS[column], value)]
+    rejected = pc.fill_null(pc.invert(pc.is_in(values, value_set=pa.array(accepted, type=values.type))), True)
+    row = pc.index(rejected, True).as_py()
+    if row >= 0:
+        raise _label_error(column, row, values[row].as_py())
+
+
+def _parses(parser: Any, value: Any) -> bool:
+    """Whether `parser` accepts `value`."""
+    try:
+        parser(value)
+    except LabelError:
+        return False
+    return True
 
 
 def detect_schema(column_names: list[str]) -> str:
@@ -96,9 +199,29 @@ def decode_images_lazily(dataset: Any) -> Any:
     return dataset
 
 
+def check_image_columns(dataset: Any, schema: str) -> None:
+    """Image columns must hold images (an `Image()` feature, bytes, paths or `{"bytes", "path"}` dicts), not numbers."""
+    features = getattr(dataset, "features", None) or {}
+    for column in (name for name in SCHEMAS[schema] if name in IMAGE_COLUMNS):
+        feature = features.get(column)
+        if feature is None or isinstance(feature, datasets.Image):
+            continue
+        if isinstance(feature, datasets.Value) and feature.dtype in IMAGE_VALUE_TYPES:
+            continue
+        if isinstance(feature, dict) and {"bytes", "path"} & set(feature):
+            continue
+        found = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise ValueError(
+            f"Column `{column}` holds {found} values, not images: an image column must be a datasets.Image() "
+            "feature, encoded bytes, a file path or a {'bytes', 'path'} dict. Point `column_mapping` at the column "
+            "that holds the images."
+        )
+
+
 def drop_ties(dataset: Any) -> tuple[Any, int | None]:
-    """Remove Pick-a-Pic ties (`label_0 == 0.5`); returns the dataset and the number dropped (None if lazy)."""
-    kept = dataset.filter(lambda label: label != 0.5, input_columns="label_0")
+    """Remove Pick-a-Pic ties (`label_0` 0.5 in any accepted spelling); returns the dataset and the number dropped
+    (None if lazy)."""
+    kept = dataset.filter(lambda label: paired_label(label) != 0.5, input_columns="label_0")
     if isinstance(dataset, datasets.IterableDataset):
         return kept, None
     return kept, len(dataset) - len(kept)
@@ -186,14 +309,14 @@ def row_images(row: Mapping[str, Any], schema: str) -> tuple[str, list[Any], dic
     """The prompt, the images (winner first for paired schemas) and extra fields of one row."""
     if schema == "pickapic":
         images = [row["jpg_0"], row["jpg_1"]]
-        if row["label_0"] == 0:
+        if paired_label(row["label_0"]) == 0:
             images.reverse()
         return row["caption"], images, {}
     if schema == "preference":
         return row["prompt"], [row["chosen"], row["rejected"]], {}
     if schema == "captioned":
         return row["prompt"], [row["image"]], {}
-    return row["prompt"], [row["image"]], {"label": bool(row["label"])}
+    return row["prompt"], [row["image"]], {"label": unpaired_label(row["label"])}
 
 
 def winners_only(dataset: Any, schema: str) -> Any:
@@ -278,6 +401,41 @@ class RowProcessor:
         }
 
 
+def probe_images(dataset: Any, processor: RowProcessor, skip_bad_images: bool) -> None:
+    """Decode up to `PROBE_ROWS` rows before any compute: raise when none is readable (with `skip_bad_images=False`,
+    when any is), naming the rows and the first error."""
+    rows = _probe_rows(dataset)
+    if not rows:
+        raise ValueError("The dataset is empty (after dropping ties, if any): nothing to train on.")
+    failures = []
+    for index, row in rows:
+        try:
+            processor(row, seed=0)
+        except DECODE_ERRORS as error:
+            if not skip_bad_images:
+                raise BadImageError(f"Row {index}: cannot read its image ({error}).") from error
+            failures.append((index, error))
+            continue
+        if skip_bad_images:
+            return  # one readable row is enough: the others are replaced and counted while training
+    if failures:
+        columns = [name for name in SCHEMAS[processor.schema] if name in IMAGE_COLUMNS]
+        raise BadImageError(
+            f"None of the {len(rows)} rows probed {[index for index, _ in rows]} has a readable image "
+            f"(row {failures[0][0]}: {failures[0][1]}). Check that the image columns {columns} hold encoded images "
+            "or paths that exist on this machine, and that `column_mapping` names the image columns."
+        )
+
+
+def _probe_rows(dataset: Any) -> list[tuple[int, Mapping[str, Any]]]:
+    """Up to `PROBE_ROWS` (index, row) pairs: evenly spaced over a map-style dataset, the first rows of a stream."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return list(enumerate(dataset.take(PROBE_ROWS)))
+    count = len(dataset)
+    picks = sorted({int(i) for i in np.linspace(0, count - 1, min(count, PROBE_ROWS)).round()}) if count else []
+    return [(index, dataset[index]) for index in picks]
+
+
 class RowKey(NamedTuple):
     """A map-style row with the epoch it is read in, which seeds the row's crop, flip and blanked prompt."""
 
@@ -310,7 +468,7 @@ class RowsDataset(torch.utils.data.Dataset, abc.ABC):
             except DECODE_ERRORS as error:
                 if not self.skip_bad_images:
                     raise BadImageError(f"Row {row}: cannot read its image ({error}).") from error
-                logger.warning("Skipping row %d: cannot read its image (%s).", row, error)
+                logger.debug("Skipping row %d: cannot read its image (%s).", row, error)  # the trainer warns once
                 continue
             item["bad_rows"] = offset
             return item
@@ -369,7 +527,7 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
             except DECODE_ERRORS as error:
                 if not self.skip_bad_images:
                     raise BadImageError(f"Streamed row {row_index}: cannot read its image ({error}).") from error
-                logger.warning("Skipping streamed row %d: cannot read its image (%s).", row_index, error)
+                logger.debug("Skipping streamed row %d: cannot read its image (%s).", row_index, error)
                 skipped += 1
                 continue
             item["bad_rows"], skipped = skipped, 0

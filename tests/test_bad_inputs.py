@@ -9,6 +9,7 @@ docs/troubleshooting.md for what each failure means to a user.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -20,12 +21,13 @@ import datasets
 import pytest
 from diffusers import UNet2DConditionModel
 
-from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, checkpoints
+from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, DiffusionKTOTrainer, checkpoints
 from diffusion_pref_trainers.adapters import ADAPTER_FILE
 from diffusion_pref_trainers.configs import DiffusionKTOConfig, DiffusionMaPOConfig, DiffusionRPOConfig
 from diffusion_pref_trainers.folder_lock import LOCK_FILE
 from diffusion_pref_trainers.optim import build_scheduler
 from diffusion_pref_trainers.state import STATE_FILE
+from diffusion_pref_trainers.testing import make_preference_dataset
 
 
 @dataclass
@@ -72,12 +74,97 @@ CONFIG_CASES = [
 
 
 # ------------------------------------------------------------------------------------------------ data
+def _with(dataset: datasets.Dataset, column: str, value: Any, row: int | None = 3) -> datasets.Dataset:
+    """`dataset` with `column` set to `value` in `row` (every row when None); a string turns the column to text."""
+    values = [str(cell) for cell in dataset[column]] if isinstance(value, str) else list(dataset[column])
+    for index in range(len(values)) if row is None else [row]:
+        values[index] = value
+    return dataset.remove_columns(column).add_column(column, values)
+
+
+def _pickapic(column: str = "label_0", value: Any = 1.0, row: int | None = 3) -> datasets.Dataset:
+    """Eight Pick-a-Pic pairs with one cell (or a whole column) replaced."""
+    return _with(make_preference_dataset(8, schema="pickapic"), column, value, row)
+
+
+def _label_0(value: Any) -> Callable[[Env], Any]:
+    """A trigger: a DPO trainer on Pick-a-Pic pairs whose row 3 has `label_0 == value`."""
+    return lambda env: env.trainer(dataset=_pickapic(value=value))
+
+
+def _kto(label: Any) -> Callable[[Env], Any]:
+    """A trigger: a KTO trainer on eight labelled images whose row 3 has `label`."""
+
+    def trigger(env: Env) -> Any:
+        images = env.pairs.select_columns(["prompt", "chosen"]).rename_column("chosen", "image")
+        labelled = _with(images.add_column("label", [1, 0] * 4), "label", label)
+        return env.trainer(DiffusionKTOTrainer, dataset=labelled)
+
+    return trigger
+
+
 DATA_CASES = [
     Case(
         "too few rows for one batch",
         lambda env: env.trainer(dataset=env.pairs.select(range(2))).train(),
         ValueError,
         "smaller than one batch",
+    ),
+    Case("pickapic label_0 of 2", _label_0(2.0), ValueError, "row 3: `label_0` is 2.0"),
+    Case("pickapic label_0 of -1", _label_0(-1.0), ValueError, "row 3: `label_0` is -1.0"),
+    Case("pickapic label_0 of 0.3", _label_0(0.3), ValueError, "row 3: `label_0` is 0.3"),
+    Case("pickapic label_0 NaN", _label_0(math.nan), ValueError, "row 3: `label_0` is nan"),
+    Case("pickapic label_0 'yes'", _label_0("yes"), ValueError, "row 3: `label_0` is 'yes'"),
+    Case(
+        "streamed pickapic label_0 of 2",
+        lambda env: env.trainer(dataset=_pickapic(value=2.0).to_iterable_dataset()),
+        ValueError,
+        "streamed row 3: `label_0` is 2.0",
+    ),
+    Case("KTO label 'maybe'", _kto("maybe"), ValueError, "row 3: `label` is 'maybe'"),
+    Case("KTO label 0.5", _kto(0.5), ValueError, "row 3: `label` is 0.5"),
+    Case("KTO label None", _kto(None), ValueError, "row 3: `label` is None"),
+    Case(
+        "image column of numbers",
+        lambda env: env.trainer(dataset=_with(env.pairs, "chosen", 7, row=None)),
+        ValueError,
+        "column `chosen` holds int64 values, not images",
+    ),
+    Case(
+        "every image unreadable",
+        lambda env: env.trainer(dataset=_pickapic("jpg_1", b"not an image", row=None)),
+        ValueError,
+        "none of the 8 rows probed",
+    ),
+    Case(
+        "unreadable probed row with skip_bad_images=False",
+        lambda env: env.trainer(args=env.config(skip_bad_images=False), dataset=_pickapic("jpg_0", b"broken", row=0)),
+        ValueError,
+        "row 0: cannot read its image",
+    ),
+    Case(
+        "columns of no schema",
+        lambda env: env.trainer(dataset=env.pairs.rename_column("chosen", "good")),
+        ValueError,
+        "match no known schema",
+    ),
+    Case(
+        "column_mapping from a missing column",
+        lambda env: env.trainer(args=env.config(column_mapping={"good": "chosen"})),
+        ValueError,
+        "names columns the dataset lacks",
+    ),
+    Case(
+        "dataset_test_split of a plain Dataset",
+        lambda env: env.trainer(args=env.config(dataset_test_split="test")),
+        ValueError,
+        "a datasets.Dataset has no splits",
+    ),
+    Case(
+        "training split missing from a DatasetDict",
+        lambda env: env.trainer(dataset=datasets.DatasetDict(fit=env.pairs)),
+        ValueError,
+        "has no split 'train'",
     ),
 ]
 

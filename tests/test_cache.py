@@ -167,8 +167,8 @@ def test_streaming_random_crops_and_blanked_prompts_are_refused(tmp_path, pairs)
 
 
 def test_unreadable_rows_are_replaced_as_without_cache_or_fail_with_the_row(tmp_path) -> None:
-    rows = make_preference_dataset(4, schema="pickapic").to_dict()
-    rows["jpg_0"][1] = b"not an image"
+    rows = make_preference_dataset(12, schema="pickapic").to_dict()
+    rows["jpg_0"][1] = b"not an image"  # not among the rows probed at construction (0, 2, 3, 5, ...)
     broken = datasets.Dataset.from_dict(rows)
     cached = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path), broken).train_dataset
     plain = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, cache_latents=False), broken).train_dataset

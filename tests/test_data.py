@@ -339,7 +339,7 @@ def _every_bad_row_kind(monkeypatch) -> datasets.Dataset:
 
 
 def test_every_bad_row_kind_is_handled_and_counted_in_the_logs(make_config, monkeypatch, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="diffusion_pref_trainers")
+    caplog.set_level(logging.DEBUG, logger="diffusion_pref_trainers")
     args = make_config(per_device_train_batch_size=6, max_steps=2, logging_steps=2)
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, _every_bad_row_kind(monkeypatch))
     trainer.train()  # one epoch: every row once, each unusable one replaced by the next row
@@ -348,7 +348,11 @@ def test_every_bad_row_kind_is_handled_and_counted_in_the_logs(make_config, monk
     assert counts == {"skipped_rows": 4.0, "empty_prompts": 2.0, "truncated_prompts": 1.0}
     assert (trainer.state.skipped_rows, trainer.state.empty_prompts, trainer.state.truncated_prompts) == (4, 2, 1)
     for row in (1, 3, 5, 9):
-        assert f"Skipping row {row}: cannot read its image" in caplog.text
+        assert f"Skipping row {row}: cannot read its image" in caplog.text  # at DEBUG level
+    warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    unreadable = [message for message in warned if "unreadable" in message or "Skipping" in message]
+    assert len(unreadable) == 1, unreadable  # one warning with the count, not one per row
+    assert unreadable[0].startswith("4 row(s) with unreadable images were skipped in training")
     assert "more than 10 times longer than wide" in caplog.text and "DecompressionBombError" in caplog.text
 
 

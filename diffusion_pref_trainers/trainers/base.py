@@ -35,10 +35,13 @@ from diffusion_pref_trainers.data import (
     RowProcessor,
     StreamingPreferenceDataset,
     apply_column_mapping,
+    check_image_columns,
     decode_images_lazily,
     detect_schema,
     drop_ties,
+    probe_images,
     row_seed,
+    validate_labels,
 )
 from diffusion_pref_trainers.families import get_family
 from diffusion_pref_trainers.loader import Loaders
@@ -99,8 +102,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self.family = get_family(self.pipe, self.args)
         self._check_resolution()
         self._dataset_name = train_dataset if isinstance(train_dataset, str) else None
-        if eval_dataset is None and self.args.dataset_test_split and _names_splits(train_dataset):
-            eval_dataset = train_dataset  # as TRL: the test split of the same dataset
+        eval_dataset = self._eval_source(train_dataset, eval_dataset)
         self.train_dataset = self._wrap_dataset(train_dataset, train=True) if train_dataset is not None else None
         self.eval_dataset = self._wrap_dataset(eval_dataset, train=False) if eval_dataset is not None else None
         self._validate()
@@ -132,8 +134,21 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
     def _validate(self) -> None:
         """Objective-specific checks on the config and data; subclasses extend this."""
 
+    def _eval_source(self, train_dataset: Any, eval_dataset: Any) -> Any:
+        """The evaluation source: the one given, else (as TRL) the training source read at `dataset_test_split`."""
+        split = self.args.dataset_test_split
+        if eval_dataset is not None or not split or train_dataset is None:
+            return eval_dataset
+        if not _names_splits(train_dataset):
+            raise ValueError(
+                f"`dataset_test_split={split!r}` names a split of the training source, but a datasets."
+                f"{type(train_dataset).__name__} has no splits: pass eval_dataset=, give the training data as a "
+                "DatasetDict (or a Hub id or path), or set `dataset_test_split=None`."
+            )
+        return train_dataset
+
     def _wrap_dataset(self, source: Any, *, train: bool) -> torch.utils.data.Dataset:
-        """Load, check the schema, drop ties and wrap a dataset into model-ready rows."""
+        """Load, check the schema, labels and images, drop ties and wrap a dataset into model-ready rows."""
         args = self.args
         split = args.dataset_train_split if train else args.dataset_test_split or "test"
         dataset = load_preference_dataset(
@@ -141,7 +156,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         )
         dataset = decode_images_lazily(apply_column_mapping(dataset, args.column_mapping))
         schema = detect_schema(list(dataset.column_names or []))
-        dataset = self._adapt_schema(dataset, schema)
+        check_image_columns(dataset, schema)
+        dataset = self._adapt_schema(validate_labels(dataset, schema), schema)
         schema = detect_schema(list(dataset.column_names or []))
         if schema == "pickapic" and args.drop_ties:
             dataset, dropped = drop_ties(dataset)
@@ -155,6 +171,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             proportion_empty_prompts=args.proportion_empty_prompts if train else 0.0,
             swap=self.swaps_preferences(),
         )
+        probe_images(dataset, processor, args.skip_bad_images)
         if isinstance(dataset, datasets.IterableDataset):
             if train and args.shuffle_buffer_size:
                 dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
@@ -397,6 +414,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             for callback in self.callbacks:
                 callback.on_train_begin(self)  # after the offload: a callback measuring memory sees the training's
             self._run_epochs(total, per_epoch, progress)
+            if self.accelerator.is_main_process:  # the count is summed over processes
+                self._warn_skipped_rows("training", self.state.skipped_rows)
             final_eval = not (args.eval_steps and self.state.global_step % args.eval_steps == 0)
             if self.eval_dataset is not None and final_eval:  # reads the cache too, like the steps
                 self._log(self.evaluate())
@@ -523,6 +542,16 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             ids = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
             self._counts_pending["truncated_prompts"] += sum(len(row) > tokenizer.model_max_length for row in ids)
 
+    def _warn_skipped_rows(self, stage: str, skipped: int) -> None:
+        """One warning for all the rows of a stage whose images could not be read (each is logged at DEBUG level)."""
+        if skipped:
+            logger.warning(
+                "%d row(s) with unreadable images were skipped in %s and the next readable rows read instead (DEBUG "
+                "logging of diffusion_pref_trainers.data names them). Set `skip_bad_images=False` to stop at the "
+                "first one with its row index.",
+                skipped, stage,
+            )  # fmt: skip
+
     def _sync_text_encoder_gradients(self) -> None:
         """Average the text encoders' LoRA gradients over processes (only the denoiser is wrapped for DDP)."""
         if self.accelerator.num_processes == 1:
@@ -598,7 +627,9 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         totals: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}  # rows per metric, NaNs (unmeasurable in a batch) left out
         batches = self._loaders.batches(dataset, self.args.per_device_eval_batch_size, 0, shuffle=False)
+        skipped = 0
         for index, batch in enumerate(batches):
+            skipped += int(batch["bad_rows"])
             draws = []
             for draw in range(self.args.eval_noise_draws):
                 seed = row_seed(self.args.seed, 10_000_019 * (draw + 1) + index, self.accelerator.process_index)
@@ -611,6 +642,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                 total, count = _measured_sum(key, value.detach().float() * size, weight=size)
                 totals[key], counts[key] = totals.get(key, 0.0) + total, counts.get(key, 0.0) + count
         self.denoiser.train()
+        self._warn_skipped_rows("evaluation", skipped)  # this process's rows
         keys = sorted(totals)
         summed = self.accelerator.reduce(torch.stack([totals[k] for k in keys] + [counts[k] for k in keys]), "sum")
         means = (summed[: len(keys)] / summed[len(keys) :]).tolist()
