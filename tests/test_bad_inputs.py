@@ -105,7 +105,14 @@ HUB_CASES: list[Case] = []
 
 
 # ------------------------------------------------------------------------------------------------ device
-DEVICE_CASES: list[Case] = []
+DEVICE_CASES: list[Case] = [
+    Case(
+        "fp16 on a CPU",
+        lambda env: env.trainer(args=env.config(mixed_precision="fp16")),
+        ValueError,
+        "`mixed_precision='fp16'` cannot train on a CPU",
+    ),
+]
 
 
 CASES = CONFIG_CASES + DATA_CASES + MODEL_CASES + RESUME_CASES + CLI_CASES + HUB_CASES + DEVICE_CASES
