@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from datasets.distributed import split_dataset_by_node
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion_pref_trainers import adapters, cache, checkpoints, hub, offload, speed
@@ -108,6 +109,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             self.args = dataclasses.replace(self.args, resolution=self.family.default_resolution)
         self._check_resolution()
         self._dataset_name = train_dataset if isinstance(train_dataset, str) else None
+        self._example_prompt: str | None = None  # the first training prompt, once the data is read
         if eval_dataset is None and self.args.dataset_test_split and _names_splits(train_dataset):
             eval_dataset = train_dataset  # as TRL: the test split of the same dataset
         self.train_dataset = self._wrap_dataset(train_dataset, train=True) if train_dataset is not None else None
@@ -189,8 +191,10 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             proportion_empty_prompts=args.proportion_empty_prompts if train else 0.0,
             swap=self.swaps_preferences(),
         )
-        if train:
-            _warn_on_size_mismatch(dataset, schema, args.resolution)
+        first = _first_row(dataset, schema) if train else None
+        if first is not None:
+            self._example_prompt = first[0]  # the model card's usage example
+            _warn_on_size_mismatch(first[1], args.resolution)
         if isinstance(dataset, datasets.IterableDataset):
             if train and args.shuffle_buffer_size:
                 dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
@@ -612,14 +616,20 @@ def _check_trackers(report_to: list[str]) -> None:
             )
 
 
-def _warn_on_size_mismatch(dataset: Any, schema: str, resolution: int) -> None:
-    """One warning when the first training row's images are not `resolution` px on their short side: every image
-    is then resized, which costs time (upsampling small images) or detail (downsampling), often unintended."""
+def _first_row(dataset: Any, schema: str) -> tuple[str, Image.Image] | None:
+    """The prompt and first image of a dataset's first row; None when it is empty or unreadable (reported where
+    the rows are read)."""
     try:
         row = next(iter(dataset)) if isinstance(dataset, datasets.IterableDataset) else dataset[0]
-        image = load_image(row_images(row, schema)[1][0])
-    except (*DECODE_ERRORS, StopIteration, IndexError):
-        return  # an unreadable or empty dataset is reported where it is read
+        prompt, images, _ = row_images(row, schema)
+        return str(prompt or ""), load_image(images[0])
+    except (*DECODE_ERRORS, StopIteration, IndexError, KeyError):
+        return None
+
+
+def _warn_on_size_mismatch(image: Image.Image, resolution: int) -> None:
+    """One warning when the training images are not `resolution` px on their short side: every image is then
+    resized, which costs time (upsampling small images) or detail (downsampling), often unintended."""
     if min(image.size) != resolution:
         logger.warning(
             "The training images are %dx%d px but `resolution` is %d: every image is resized to %d px. Set "
