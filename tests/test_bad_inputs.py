@@ -112,6 +112,18 @@ DEVICE_CASES: list[Case] = [
         ValueError,
         "`mixed_precision='fp16'` cannot train on a CPU",
     ),
+    Case(
+        "a Hub model that is not cached, offline",
+        lambda env: DiffusionDPOTrainer("someone/not-there", env.config(), env.pairs),
+        OSError,
+        "Cannot load the pipeline 'someone/not-there'",
+    ),
+    Case(
+        "a Hub dataset that is not cached, offline",
+        lambda env: env.trainer(dataset="someone/not-there"),
+        OSError,
+        "Cannot load the dataset 'someone/not-there'",
+    ),
 ]
 
 
