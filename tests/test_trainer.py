@@ -204,7 +204,7 @@ def test_full_fine_tuning_saves_a_diffusers_unet(pairs, make_config) -> None:
     # The card describes what was saved: no LoRA tag, and the snippet loads the UNet sub-folder.
     card = ModelCard.load(output_dir / "README.md")
     assert "diffusion-dpo" in card.data.tags and "lora" not in card.data.tags
-    assert 'UNet2DConditionModel.from_pretrained("out", subfolder="unet")' in card.text
+    assert f'UNet2DConditionModel.from_pretrained("{output_dir.resolve()}", subfolder="unet")' in card.text
     assert "load_lora_weights" not in card.text
 
 
