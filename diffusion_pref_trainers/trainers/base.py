@@ -633,7 +633,7 @@ def _warn_on_size_mismatch(image: Image.Image, resolution: int) -> None:
     if min(image.size) != resolution:
         logger.warning(
             "The training images are %dx%d px but `resolution` is %d: every image is resized to %d px. Set "
-            "`resolution=%d` to train at the data's size, or leave `resolution` unset for the pipeline's own size.",
+            "`resolution=%d` to train at the data's size, or resize the data to the resolution you want.",
             image.width, image.height, resolution, resolution, min(image.size),
         )  # fmt: skip
 
