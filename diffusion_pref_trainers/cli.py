@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import resource
 import sys
@@ -25,6 +26,8 @@ from typing import Any
 import yaml
 
 from diffusion_pref_trainers.configs import _help
+from diffusion_pref_trainers.families import get_family
+from diffusion_pref_trainers.sources import load_pipeline
 from diffusion_pref_trainers.trainers import TRAINERS
 
 
@@ -111,7 +114,7 @@ def split_settings(settings: dict[str, Any]) -> tuple[ScriptArguments, Any]:
 
 def _load_data(script: ScriptArguments, resolution: int) -> tuple[Any, Any]:
     """Training and eval datasets: the named one (the trainer reads its splits, as TRL's scripts do), or
-    generated pairs (8 held out) of the built-in kit."""
+    generated pairs (8 held out) of the built-in kit at `resolution` px."""
     if script.dataset_name is None:
         from diffusion_pref_trainers.testing import make_preference_dataset
 
@@ -142,8 +145,8 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
 
         model = tiny_sd_pipeline()
     else:
-        model = script.model_name_or_path
-    train, eval_ = _load_data(script, args.resolution)
+        model = load_pipeline(script.model_name_or_path)
+    train, eval_ = _load_data(script, args.resolution or get_family(model).default_resolution)
     trainer = TRAINERS[script.method](model, args, train, eval_dataset=eval_)
     before = trainer.evaluate() if trainer.eval_dataset is not None else {}
     start = time.perf_counter()
@@ -154,6 +157,7 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
         "method": script.method,
         "adapter": str(Path(args.output_dir).resolve()),
         "steps": state.global_step,
+        "processes": trainer.accelerator.num_processes,
         "train_seconds": round(seconds, 2),
         "ms_per_step": round(1000 * seconds / max(state.global_step, 1), 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -162,11 +166,24 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def use_cpu_for_several_processes() -> None:
+    """Several processes launched on a machine without an accelerator train together over gloo.
+
+    accelerate treats them as GPU processes unless ACCELERATE_USE_CPU is set (no config-file key sets it for a
+    multi-process launch), and each would then train alone; set it here, before any accelerate state exists.
+    """
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def main(argv: list[str] | None = None, default_recipe: str | None = None) -> dict[str, Any]:
     """Parse `--config recipe.yaml [--key value ...]`, train, print and return the summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", default=default_recipe, help="A YAML recipe (see examples/configs/).")
     known, rest = parser.parse_known_args(argv)
+    use_cpu_for_several_processes()
     settings = {**read_recipe(known.config), **parse_overrides(rest)}
     summary = run(settings)
     from accelerate import PartialState

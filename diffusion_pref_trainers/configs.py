@@ -182,7 +182,11 @@ class DiffusionTrainingConfig:
     )
     seed: int = _help("Seed for initialisation, data order, noise and timesteps.", 42)
     report_to: list[str] = _help("Trackers passed to accelerate ('tensorboard', 'wandb', ...); empty: none.", [])
-    resolution: int = _help("Training images are resized and cropped to this square size in pixels.", 512)
+    resolution: int | None = _help(
+        "Training images are resized and cropped to this square size in pixels; None: the pipeline's own sample "
+        "size (its denoiser's `sample_size` times the VAE factor: 512 for SD 1.5, 1024 for SDXL, SD3 and FLUX).",
+        None,
+    )
     random_flip: bool = _help("Flip each pair horizontally with probability 0.5 (same flip for both images).", False)
     center_crop: bool = _help("Crop the centre after resizing; False crops at a random position.", True)
     drop_ties: bool = _help("Drop Pick-a-Pic rows whose `label_0` is 0.5 (a tie, in any accepted spelling).", True)
@@ -367,7 +371,10 @@ class DiffusionTrainingConfig:
             self.save_total_limit is None or self.save_total_limit >= 1,
             "`save_total_limit` must be None (keep all) or >= 1.",
         )
-        _check(self.resolution >= 8, f"`resolution` must be at least 8 pixels, got {self.resolution}.")
+        _check(
+            self.resolution is None or self.resolution >= 8,
+            f"`resolution` must be at least 8 pixels (or None: the pipeline's own), got {self.resolution}.",
+        )
         _check(
             self.center_crop or not self.cache_latents,
             "`cache_latents` stores one crop per image, and random crops (`center_crop=False`) change every epoch: "

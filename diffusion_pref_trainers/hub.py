@@ -8,6 +8,7 @@ Everything read back is safetensors or text: nothing is unpickled, no remote cod
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -61,10 +62,10 @@ CARD_TEMPLATE = """---
 
 ```python
 {usage}
-image = pipe("a photo of a cat").images[0]
+image = pipe({prompt}).images[0]
 ```
 
-or, reading the base model from this card: `pipe = diffusion_pref_trainers.load_aligned_pipeline("{repo_id}")`.
+or, reading the base model from this card: `pipe = diffusion_pref_trainers.load_aligned_pipeline("{load_from}")`.
 {samples}
 ## Training
 
@@ -137,6 +138,8 @@ def build_model_card(
     base_model: str,
     method: str,
     repo_id: str,
+    load_from: str,
+    prompt: str,
     dataset: str | None,
     config: dict[str, Any],
     metrics: dict[str, float],
@@ -147,7 +150,9 @@ def build_model_card(
 ) -> ModelCard:
     """A card with YAML metadata (base model, tags, dataset) and the run's settings, samples and final metrics.
 
-    `full_weights` is the (sub-folder, class name) of a fully fine-tuned denoiser; None means a LoRA adapter.
+    `load_from` is where the usage snippet loads the weights (the Hub repo, or the folder's absolute path) and
+    `prompt` the prompt it generates with. `full_weights` is the (sub-folder, class name) of a fully fine-tuned
+    denoiser; None means a LoRA adapter.
     `samples` is the card-relative path of the sample grid, if any. A card `for_hub` names a local base model
     only in its text: the Hub's `base_model` metadata must be a Hub id.
     """
@@ -155,14 +160,14 @@ def build_model_card(
         weights, kind = "A LoRA adapter", ["lora"]
         usage = (
             f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base_model}")\n'
-            f'pipe.load_lora_weights("{repo_id}")'
+            f'pipe.load_lora_weights("{load_from}", weight_name="{LORA_FILE}")'
         )
     else:
         folder, model_class = full_weights
         weights, kind = f"A fully fine-tuned `{model_class}`", []
         usage = (
             f"from diffusers import DiffusionPipeline, {model_class}\n\n"
-            f'{folder} = {model_class}.from_pretrained("{repo_id}", subfolder="{folder}")\n'
+            f'{folder} = {model_class}.from_pretrained("{load_from}", subfolder="{folder}")\n'
             f'pipe = DiffusionPipeline.from_pretrained("{base_model}", {folder}={folder})'
         )
     data = ModelCardData(
@@ -182,7 +187,8 @@ def build_model_card(
         title=repo_id.split("/")[-1],
         weights=weights,
         usage=usage,
-        repo_id=repo_id,
+        load_from=load_from,
+        prompt=json.dumps(prompt),
         samples=samples_text,
         base_model=base_model,
         method=method,

@@ -8,6 +8,8 @@ from typing import Any
 
 import datasets
 
+from diffusion_pref_trainers.hub import hub_is_offline, is_hub_id
+
 
 def load_pipeline(model: Any) -> Any:
     """A diffusers pipeline object as is, or one loaded from a Hub id / local folder (never remote code)."""
@@ -15,7 +17,37 @@ def load_pipeline(model: Any) -> Any:
         return model
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(str(model), use_safetensors=True)
+    try:
+        return DiffusionPipeline.from_pretrained(str(model), use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise _load_failure("pipeline", str(model), error) from (error if _debugging() else None)
+
+
+def _debugging() -> bool:
+    """`DPT_DEBUG=1`: loading errors keep the libraries' full chained tracebacks behind our short message."""
+    return os.environ.get("DPT_DEBUG", "0").lower() not in ("", "0", "false", "no")
+
+
+def _load_failure(kind: str, source: str, error: BaseException) -> OSError:
+    """One short error in our words: what was looked for, where, and what to do (a local folder's error says why)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        problem = f"the local folder {path.resolve()} holds no loadable {kind} ({reason})"
+        fix = f"pass a folder written by the {kind}'s `save_pretrained`, or a Hub id"
+    elif is_hub_id(source):
+        offline = " (HF_HUB_OFFLINE is set: only the cache was searched)" if hub_is_offline() else ""
+        repo_type = " --repo-type dataset" if kind == "dataset" else ""
+        problem = (
+            f"it is neither on the Hugging Face Hub nor in the local cache{offline}, and no local folder has that name"
+        )
+        fix = (
+            f"check the id; go online, or download it first (`hf download {source}{repo_type}`); or pass a local folder"
+        )
+    else:
+        problem = "no local path of that name exists, and it is not a Hub id (owner/name)"
+        fix = "check the path, or pass a Hub id"
+    return OSError(f"Cannot load the {kind} {source!r}: {problem}. Fix: {fix}. (DPT_DEBUG=1 shows the full traceback.)")
 
 
 def _pick_split(loaded: Any, split: str) -> Any:
@@ -66,4 +98,7 @@ def _load(source: Any, split: str, config_name: str | None, streaming: bool) -> 
         return _pick_split(loaded, split)
     if path.exists():
         raise ValueError(f"{source} is neither a parquet file nor a dataset folder.")
-    return datasets.load_dataset(str(source), config_name, split=split, streaming=streaming)
+    try:
+        return datasets.load_dataset(str(source), config_name, split=split, streaming=streaming)
+    except OSError as error:  # not found, unreachable or not cached (a missing split is a ValueError, kept)
+        raise _load_failure("dataset", str(source), error) from (error if _debugging() else None)

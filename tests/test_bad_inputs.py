@@ -349,7 +349,26 @@ HUB_CASES: list[Case] = []
 
 
 # ------------------------------------------------------------------------------------------------ device
-DEVICE_CASES: list[Case] = []
+DEVICE_CASES: list[Case] = [
+    Case(
+        "fp16 on a CPU",
+        lambda env: env.trainer(args=env.config(mixed_precision="fp16")),
+        ValueError,
+        "`mixed_precision='fp16'` cannot train on a CPU",
+    ),
+    Case(
+        "a Hub model that is not cached, offline",
+        lambda env: DiffusionDPOTrainer("someone/not-there", env.config(), env.pairs),
+        OSError,
+        "Cannot load the pipeline 'someone/not-there'",
+    ),
+    Case(
+        "a Hub dataset that is not cached, offline",
+        lambda env: env.trainer(dataset="someone/not-there"),
+        OSError,
+        "Cannot load the dataset 'someone/not-there'",
+    ),
+]
 
 
 CASES = CONFIG_CASES + DATA_CASES + MODEL_CASES + RESUME_CASES + GUARD_CASES + CLI_CASES + HUB_CASES + DEVICE_CASES

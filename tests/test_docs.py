@@ -26,3 +26,40 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"^(pip install .*pytest)$", readme, flags=re.MULTILINE)
     assert len(commands) == 1
     assert commands[0] in (ROOT / ".ci" / "run").read_text()
+
+
+# The README's documented way to run its Python snippet offline: its three ids become local folders and a few
+# `key=value` settings change (CPU precision and optimizer, no push, a short run).
+README_SETTINGS = {
+    "max_steps": "2", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1",
+    "mixed_precision": '"no"', "optim": '"adamw_torch"', "push_to_hub": "False",
+}  # fmt: skip
+
+
+def _readme_snippet(ids: dict[str, str]) -> str:
+    """The README's Python block with `ids` replaced and `README_SETTINGS` applied to its `key=value,` lines."""
+    snippet = (ROOT / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in ids.items():
+        assert f'"{old}"' in snippet, old
+        snippet = snippet.replace(f'"{old}"', repr(new))
+    for key, value in README_SETTINGS.items():
+        snippet, count = re.subn(rf"^(\s+){key}=.*,$", rf"\g<1>{key}={value},", snippet, flags=re.MULTILINE)
+        assert count == 1, key
+    return snippet
+
+
+def test_the_readme_python_snippet_runs_offline_as_the_readme_says(
+    tiny_pipe_dir, clip_dir, pairs, tmp_path, monkeypatch
+) -> None:
+    pairs.save_to_disk(str(tmp_path / "pairs"))
+    ids = {
+        "stable-diffusion-v1-5/stable-diffusion-v1-5": tiny_pipe_dir,
+        "yuvalkirstain/pickapic_v2": str(tmp_path / "pairs"),
+        "openai/clip-vit-large-patch14": clip_dir,
+    }
+    monkeypatch.chdir(tmp_path)  # the snippet's relative output_dir
+    namespace: dict = {}
+    exec(_readme_snippet(ids), namespace)  # noqa: S102 - the README's code, as a user would paste it
+    assert namespace["trainer"].state.global_step == 2
+    assert (tmp_path / "sd15-rpo" / "pytorch_lora_weights.safetensors").is_file()
+    assert namespace["pipe"].get_active_adapters()  # the fresh pipeline loaded the adapter

@@ -46,6 +46,13 @@ def test_family_is_detected_from_the_pipeline_class(builder, family) -> None:
     assert get_family(BUILDERS[builder]()).name == family
 
 
+@pytest.mark.parametrize("builder", list(BUILDERS))
+def test_default_resolution_is_the_size_the_pipeline_generates_at(builder) -> None:
+    pipe = BUILDERS[builder]()
+    image = pipe("a cat", num_inference_steps=1, output_type="np").images[0]
+    assert image.shape[:2] == (get_family(pipe).default_resolution,) * 2
+
+
 def test_unsupported_pipeline_is_an_error_naming_the_supported_ones() -> None:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 

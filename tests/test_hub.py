@@ -125,7 +125,7 @@ def test_the_local_card_names_the_base_model_and_shows_the_samples(run, tiny_pip
     card = ModelCard.load(Path(run.args.output_dir) / "README.md")
     assert card.data.base_model == tiny_pipe_dir and "lora" in card.data.tags
     assert f"![base vs aligned]({hub.SAMPLES_FILE})" in card.text and "a red cat; a blue dog" in card.text
-    assert 'load_aligned_pipeline("tiny-dpo")' in card.text
+    assert f'load_aligned_pipeline("{Path(run.args.output_dir).resolve()}")' in card.text  # loads from anywhere
 
 
 # ----------------------------------------------------------------------------------------- push out
@@ -168,7 +168,7 @@ def test_push_to_hub_creates_the_repo_and_commits_the_plan_with_the_hub_card(run
     # A local base model stays out of the Hub metadata (which wants a Hub id) but is named in the text.
     assert card.data.base_model is None and tiny_pipe_dir in card.text
     assert {"diffusers", "lora", "diffusion-dpo"} <= set(card.data.tags)
-    assert 'pipe.load_lora_weights("me/tiny-dpo")' in card.text and "![base vs aligned]" in card.text
+    assert 'pipe.load_lora_weights("me/tiny-dpo", weight_name=' in card.text and "![base vs aligned]" in card.text
     # The local card keeps the path, so the folder still loads without the Hub.
     assert ModelCard.load(folder / "README.md").data.base_model == tiny_pipe_dir
 
@@ -380,3 +380,34 @@ def test_the_package_never_enables_remote_code_or_unpickles() -> None:
                 loads_weights = not called.startswith(("CLIPProcessor", "AutoTokenizer"))  # text/json files only
                 if called.endswith((".load_lora_weights", ".from_pretrained")) and loads_weights:
                     assert keywords.get("use_safetensors") == "True", (path, node.lineno)
+
+
+def _usage_snippet(card_text: str) -> str:
+    """The Python code block of a model card."""
+    return card_text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_local_cards_snippet_runs_and_loads_the_adapter(run) -> None:
+    # The run's base model is the tiny pipeline's folder, so the snippet runs as written, offline.
+    folder = Path(run.args.output_dir)
+    snippet = _usage_snippet((folder / "README.md").read_text())
+    assert f'load_lora_weights("{folder.resolve()}"' in snippet and f'pipe("{PROMPTS[0]}")' in snippet
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 - the card's own code, as a user would paste it
+    pipe = namespace["pipe"]
+    assert pipe.get_active_adapters() and namespace["image"].size == (32, 32)
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0])
+    trained = get_peft_model_state_dict(run._unwrapped)
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[key].cpu(), trained[key].cpu().to(loaded[key].dtype)) for key in trained)
+
+
+def test_the_cards_prompt_is_the_first_training_prompt_without_validation_prompts(
+    tiny_pipe_dir, pairs, tmp_path
+) -> None:
+    trainer = DiffusionDPOTrainer(tiny_pipe_dir, _config(tmp_path), pairs)
+    local = _usage_snippet(trainer.model_card("tiny-dpo", folder=tmp_path / "tiny-dpo").text)
+    hub_card = _usage_snippet(trainer.model_card("me/tiny-dpo", folder=tmp_path / "tiny-dpo", for_hub=True).text)
+    assert f'pipe("{pairs[0]["prompt"]}")' in local and "photo of a cat" not in local
+    assert f'load_lora_weights("{(tmp_path / "tiny-dpo").resolve()}"' in local
+    assert 'load_lora_weights("me/tiny-dpo"' in hub_card

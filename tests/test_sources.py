@@ -265,3 +265,35 @@ def test_a_stream_too_short_for_one_batch_is_an_error_not_an_endless_loop(pairs,
 def test_streaming_needs_max_steps(make_config) -> None:
     with pytest.raises(ValueError, match="`dataset_streaming=True` set `max_steps`"):
         make_config(dataset_streaming=True, max_steps=-1)
+
+
+# ---------------------------------------------------------------------------------------- loading failures
+LOADERS = {"pipeline": load_pipeline, "dataset": load_preference_dataset}
+
+
+@pytest.mark.parametrize("kind", list(LOADERS))
+def test_a_hub_id_not_found_offline_is_one_short_error_with_the_download_line(kind, monkeypatch) -> None:
+    monkeypatch.delenv("DPT_DEBUG", raising=False)
+    with pytest.raises(OSError) as raised:
+        LOADERS[kind]("someone/not-there")
+    message = str(raised.value)
+    assert message.startswith(f"Cannot load the {kind} 'someone/not-there'") and "Hugging Face Hub" in message
+    assert "`hf download someone/not-there" in message and "local_files_only" not in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__  # no chained tracebacks
+
+
+def test_dpt_debug_keeps_the_libraries_traceback_behind_the_short_error(monkeypatch) -> None:
+    monkeypatch.setenv("DPT_DEBUG", "1")
+    with pytest.raises(OSError, match="Cannot load the dataset") as raised:
+        load_preference_dataset("someone/not-there")
+    assert raised.value.__cause__ is not None
+
+
+def test_a_folder_without_a_pipeline_names_the_folder_and_why(tmp_path) -> None:
+    with pytest.raises(OSError, match=rf"local folder {tmp_path} holds no loadable pipeline \(.*model_index\.json"):
+        load_pipeline(str(tmp_path))
+
+
+def test_a_path_that_does_not_exist_is_named_as_such(tmp_path) -> None:
+    with pytest.raises(OSError, match="no local path of that name exists"):
+        load_pipeline(str(tmp_path / "missing" / "model"))

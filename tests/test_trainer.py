@@ -204,7 +204,7 @@ def test_full_fine_tuning_saves_a_diffusers_unet(pairs, make_config) -> None:
     # The card describes what was saved: no LoRA tag, and the snippet loads the UNet sub-folder.
     card = ModelCard.load(output_dir / "README.md")
     assert "diffusion-dpo" in card.data.tags and "lora" not in card.data.tags
-    assert 'UNet2DConditionModel.from_pretrained("out", subfolder="unet")' in card.text
+    assert f'UNet2DConditionModel.from_pretrained("{output_dir.resolve()}", subfolder="unet")' in card.text
     assert "load_lora_weights" not in card.text
 
 
@@ -337,3 +337,60 @@ def test_a_training_set_smaller_than_one_batch_is_refused(make_config) -> None:
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(), make_preference_dataset(3))
     with pytest.raises(ValueError, match=r"\(3 rows\) is smaller than one batch"):
         trainer.train()
+
+
+# ------------------------------------------------------------------------- resolution and device defaults
+def _warnings(caplog: pytest.LogCaptureFixture, phrase: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and phrase in r.getMessage()]
+
+
+def test_an_unset_resolution_is_the_pipelines_own_and_the_callers_config_stays_as_given(
+    tiny_pipe_dir, pairs, make_config, caplog
+) -> None:
+    args = make_config(resolution=None)
+    trainer = DiffusionDPOTrainer(tiny_pipe_dir, args, pairs)
+    unet, vae = trainer.pipe.unet.config, trainer.pipe.vae.config
+    expected = unet.sample_size * 2 ** (len(vae.block_out_channels) - 1)
+    assert trainer.args.resolution == expected == 32 and args.resolution is None
+    assert trainer.train_dataset[0]["pixel_values"].shape[-1] == expected
+    assert not _warnings(caplog, "`resolution`")  # the 32 px pairs match the pipeline's size
+
+
+def test_a_resolution_other_than_the_datas_image_size_is_one_warning_naming_both(
+    tiny_pipe_dir, pairs, make_config, caplog
+) -> None:
+    trainer = DiffusionDPOTrainer(tiny_pipe_dir, make_config(resolution=64), pairs)
+    assert trainer.args.resolution == 64  # an explicit value is kept
+    [message] = _warnings(caplog, "`resolution`")
+    assert "32x32 px" in message and "`resolution` is 64" in message
+
+
+@pytest.mark.parametrize(
+    ("settings", "phrase"),
+    [
+        ({"mixed_precision": "bf16"}, "`mixed_precision='bf16'` on a CPU"),
+        ({"optim": "adamw_8bit"}, "`optim='adamw_8bit'` on a CPU"),
+    ],
+    ids=["bf16", "adamw_8bit"],
+)
+def test_gpu_settings_on_a_cpu_are_one_warning_saying_what_to_use(
+    tiny_pipe_dir, pairs, make_config, caplog, settings, phrase
+) -> None:
+    DiffusionDPOTrainer(tiny_pipe_dir, make_config(**settings), pairs)
+    [message] = _warnings(caplog, "on a CPU")  # one warning, about the one setting given
+    assert message.startswith(phrase) and "Use `" in message
+
+
+def test_a_tracker_that_is_not_installed_stops_the_trainer_with_the_install_line(
+    tiny_pipe_dir, pairs, make_config, monkeypatch
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a)
+    )
+    args = make_config(report_to=["tensorboard"])
+    with pytest.raises(ImportError, match=r"`report_to` asks for 'tensorboard'.*`pip install tensorboard`"):
+        DiffusionDPOTrainer(tiny_pipe_dir, args, pairs)
+    assert not Path(args.output_dir).exists()

@@ -49,6 +49,13 @@ class ModelFamily(ABC):
         """Training resolutions must be a multiple of this (the VAE factor, times patching if any)."""
         return self.vae_scale_factor
 
+    @property
+    def default_resolution(self) -> int:
+        """The square size the pipeline generates at by default: its sample size (the pipeline's
+        `default_sample_size` where it has one, else the denoiser's `sample_size`) times the VAE factor."""
+        size = getattr(self.pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
     def frozen_modules(self) -> list[nn.Module]:
         """Encoders that are never trained: they get frozen and cast to the compute dtype."""
         return [self.pipe.vae, *self.text_encoders()]

@@ -9,6 +9,8 @@ exact resume, evaluation, saving and pushing. It never asks which model family i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -24,11 +26,13 @@ from accelerate.utils import set_seed
 from datasets.distributed import split_dataset_by_node
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion_pref_trainers import adapters, cache, hub, offload, speed
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
+    DECODE_ERRORS,
     PAIRED_SCHEMAS,
     ImageTransform,
     PreferenceDataset,
@@ -39,7 +43,9 @@ from diffusion_pref_trainers.data import (
     decode_images_lazily,
     detect_schema,
     drop_ties,
+    load_image,
     probe_images,
+    row_images,
     row_seed,
     validate_labels,
 )
@@ -83,6 +89,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             )
         if self.args.push_to_hub:
             hub.ensure_hub_reachable(self.args.hub_token)
+        _check_trackers(self.args.report_to)
         self.callbacks = list(callbacks or [])
         self.state = TrainerState()
         # accelerate keeps one state per process and refuses a second Accelerator with another precision; like
@@ -94,14 +101,18 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             log_with=self.args.report_to or None,
             project_dir=self.args.output_dir,
         )
+        self._check_device()
         set_seed(self.args.seed)
         self._loaders = Loaders(self.args, self.accelerator)
         self.weight_dtype = WEIGHT_DTYPES[self.args.mixed_precision]
 
         self.pipe = load_pipeline(model)
         self.family = get_family(self.pipe, self.args)
+        if self.args.resolution is None:  # the pipeline's own size; a copy, so the caller's config stays as given
+            self.args = dataclasses.replace(self.args, resolution=self.family.default_resolution)
         self._check_resolution()
         self._dataset_name = train_dataset if isinstance(train_dataset, str) else None
+        self._example_prompt: str | None = None  # the first training prompt, once the data is read
         eval_dataset = self._eval_source(train_dataset, eval_dataset)
         self.train_dataset = self._wrap_dataset(train_dataset, train=True) if train_dataset is not None else None
         self.eval_dataset = self._wrap_dataset(eval_dataset, train=False) if eval_dataset is not None else None
@@ -122,6 +133,33 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self._push_future: Future | None = None
 
     # ----------------------------------------------------------------------------------------- setup
+    def _check_device(self) -> None:
+        """Settings the accelerator's device cannot honour: fail or warn before anything heavy loads."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.accelerator.num_processes == 1:
+            raise RuntimeError(
+                f"{os.environ['WORLD_SIZE']} processes were launched, but accelerate set this one up as a single "
+                "process (a multi-GPU launch on a machine without GPUs trains each process alone). On a CPU, "
+                "launch with ACCELERATE_USE_CPU=true in the environment, e.g. `ACCELERATE_USE_CPU=true accelerate "
+                "launch --config_file examples/accelerate_configs/cpu_two_processes.yaml your_script.py`."
+            )
+        if self.accelerator.device.type != "cpu":
+            return
+        if self.args.mixed_precision == "fp16":
+            raise ValueError(
+                "`mixed_precision='fp16'` cannot train on a CPU (fp16 autocast and gradient scaling need a GPU). "
+                "Use `mixed_precision='no'` on a CPU, or train on a GPU."
+            )
+        if self.args.mixed_precision == "bf16":
+            logger.warning(
+                "`mixed_precision='bf16'` on a CPU: bf16 autocast is many times slower than fp32 on most CPUs. "
+                "Use `mixed_precision='no'` on a CPU; keep bf16 for a GPU."
+            )
+        if self.args.optim == "adamw_8bit":
+            logger.warning(
+                "`optim='adamw_8bit'` on a CPU: bitsandbytes runs its slow CPU path and saves no accelerator memory. "
+                "Use `optim='adamw_torch'` on a CPU; keep adamw_8bit for a GPU."
+            )
+
     def _check_resolution(self) -> None:
         """Resolutions the VAE (and patching) cannot divide are rejected before anything runs."""
         multiple = self.family.resolution_multiple
@@ -172,6 +210,10 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             swap=self.swaps_preferences(),
         )
         probe_images(dataset, processor, args.skip_bad_images)
+        first = _first_row(dataset, schema) if train else None
+        if first is not None:
+            self._example_prompt = first[0]  # the model card's usage example
+            _warn_on_size_mismatch(first[1], args.resolution)
         if isinstance(dataset, datasets.IterableDataset):
             if train and args.shuffle_buffer_size:
                 dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
@@ -647,6 +689,46 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         summed = self.accelerator.reduce(torch.stack([totals[k] for k in keys] + [counts[k] for k in keys]), "sum")
         means = (summed[: len(keys)] / summed[len(keys) :]).tolist()
         return {f"eval_{key}": value for key, value in zip(keys, means, strict=True)}
+
+
+# `report_to` names accelerate accepts, and the package each one imports.
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml",
+    "mlflow": "mlflow", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+}  # fmt: skip
+
+
+def _check_trackers(report_to: list[str]) -> None:
+    """Every tracker of `report_to` can be imported: otherwise the run would train without the logs it asked for."""
+    for name in report_to:
+        package = TRACKER_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ImportError(
+                f"`report_to` asks for {name!r}, but {package} is not installed: `pip install {package}`, "
+                f"or remove {name!r} from `report_to`."
+            )
+
+
+def _first_row(dataset: Any, schema: str) -> tuple[str, Image.Image] | None:
+    """The prompt and first image of a dataset's first row; None when it is empty or unreadable (reported where
+    the rows are read)."""
+    try:
+        row = next(iter(dataset)) if isinstance(dataset, datasets.IterableDataset) else dataset[0]
+        prompt, images, _ = row_images(row, schema)
+        return str(prompt or ""), load_image(images[0])
+    except (*DECODE_ERRORS, StopIteration, IndexError, KeyError):
+        return None
+
+
+def _warn_on_size_mismatch(image: Image.Image, resolution: int) -> None:
+    """One warning when the training images are not `resolution` px on their short side: every image is then
+    resized, which costs time (upsampling small images) or detail (downsampling), often unintended."""
+    if min(image.size) != resolution:
+        logger.warning(
+            "The training images are %dx%d px but `resolution` is %d: every image is resized to %d px. Set "
+            "`resolution=%d` to train at the data's size, or resize the data to the resolution you want.",
+            image.width, image.height, resolution, resolution, min(image.size),
+        )  # fmt: skip
 
 
 def _names_splits(source: Any) -> bool:

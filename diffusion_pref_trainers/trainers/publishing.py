@@ -62,7 +62,9 @@ class PublishingMixin:
         """The model card of this run (base model, method, hyperparameters, dataset, samples, final metrics).
 
         `folder` is where the card goes: the sample grid is shown when it lies there. A card `for_hub` keeps a
-        local base model or dataset path out of its metadata.
+        local base model or dataset path out of its metadata. Its usage snippet loads the weights from `repo_id`
+        when `for_hub`, else from the folder's absolute path, and prompts with the first validation prompt or,
+        without one, the first training prompt.
         """
         last: dict[str, float] = {}
         for entry in self.state.log_history:
@@ -73,6 +75,8 @@ class PublishingMixin:
             base_model=str(self.pipe.config.get("_name_or_path") or "unknown"),
             method=self.method,
             repo_id=repo_id,
+            load_from=repo_id if for_hub or folder is None else str(Path(folder).resolve()),
+            prompt=next(iter(self.args.validation_prompts), None) or self._example_prompt or "a photo",
             dataset=self._dataset_name,
             config=self.args.to_dict(),
             metrics=last,
