@@ -211,7 +211,7 @@ class DiffusionTrainingConfig:
     validation_inference_steps: int | None = _help(
         "Sampling steps of the validation images; None: the pipeline's default.", None
     )
-    seed: int = _help("Seed for initialisation, data order, noise and timesteps.", 42)
+    seed: int = _help("Seed for initialisation, data order, noise and timesteps; >= 0.", 42)
     report_to: list[str] = _help("Trackers passed to accelerate ('tensorboard', 'wandb', ...); empty: none.", [])
     resolution: int = _help("Training images are resized and cropped to this square size in pixels.", 512)
     random_flip: bool = _help("Flip each pair horizontally with probability 0.5 (same flip for both images).", False)
@@ -276,7 +276,7 @@ class DiffusionTrainingConfig:
     )
     use_lora: bool = _help("Train LoRA adapters on the denoiser (True) or fine-tune all its weights (False).", True)
     lora_rank: int = _help("LoRA rank r.", 8)
-    lora_alpha: int = _help("LoRA alpha (scale alpha/r).", 8)
+    lora_alpha: int = _help("LoRA alpha (scale alpha/r), > 0.", 8)
     lora_dropout: float = _help("Dropout inside the LoRA layers.", 0.0)
     lora_target_modules: list[str] | None = _help(
         "Module names that receive LoRA; None uses the model family's attention projections.", None
