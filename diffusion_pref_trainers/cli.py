@@ -88,7 +88,6 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return overrides
 
 
-_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _INTEGER = re.compile(r"[+-]?\d+")
 # transformers' `string_to_bool`, which TRL's parser applies to bool fields.
 _TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
@@ -96,7 +95,8 @@ _NONE = ("none", "null", "~")
 
 
 def _from_text(name: str, text: str, kind: Any) -> Any:
-    """Command-line text as a value of type `kind`; text that cannot be one is left for the config to reject."""
+    """Text (from the command line or a quoted YAML value) as a value of type `kind`; an error naming the option
+    when it cannot be a switch or a number. Other text stays text, for the config to check."""
     origin = typing.get_origin(kind)
     if kind is bool and text.lower() in _TRUE + _FALSE:
         return text.lower() in _TRUE
@@ -126,7 +126,7 @@ def typed_value(name: str, value: Any, hint: Any) -> Any:
     kind, optional = split_optional(hint)
     if isinstance(value, Flag):
         if kind is not bool:
-            raise ValueError(f"Option --{name} needs a value, e.g. --{name} 1.")
+            raise ValueError(f"Option --{name} needs a value: only switches (True/False fields) can be given bare.")
         return True
     if isinstance(value, str) and optional and value.lower() in _NONE:
         return None
@@ -149,7 +149,7 @@ def _unknown_keys_error(unknown: list[str], valid: set[str], method: str) -> Val
 def split_settings(settings: dict[str, Any]) -> tuple[ScriptArguments, Any]:
     """Script arguments and the method's config from one mapping, each value typed by its field's annotation;
     an unknown key is an error naming the closest valid ones."""
-    method = settings.get("method", "dpo")
+    method = typed_value("method", settings.get("method", "dpo"), str)
     if method not in TRAINERS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(TRAINERS))}.")
     config_class = TRAINERS[method].config_class

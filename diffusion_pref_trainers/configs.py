@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import numbers
 import os
 import types
 import typing
@@ -79,13 +80,14 @@ def _type_name(hint: Any) -> str:
 
 
 def checked_value(name: str, value: Any, hint: Any) -> Any:
-    """`value` of field `name` if it has the annotated type (ints become floats for float fields, a string a
-    one-item list, a path a string); otherwise a `TypeError` naming the field, the value and the type."""
+    """`value` of field `name` if it has the annotated type (any integer, numpy's too, is an int; any real number a
+    float for float fields; a string a one-item list; a path a string); otherwise a `TypeError` naming the field,
+    the value and the type."""
     kind, optional = split_optional(hint)
     if value is None and optional:
         return value
     origin = typing.get_origin(kind)
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if kind is str and isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -95,8 +97,8 @@ def checked_value(name: str, value: Any, hint: Any) -> Any:
             return items
     elif origin is dict and isinstance(value, dict):
         return value
-    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
+    elif kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
     elif kind in (bool, str) and isinstance(value, kind):
         return value
     expected = _type_name(kind) + (" or None" if optional else "")

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffusion_pref_trainers import (
@@ -139,6 +140,8 @@ def test_values_of_the_wrong_type_name_the_field_the_value_and_the_type(override
         (dict(validation_prompts="a cat"), "validation_prompts", ["a cat"]),
         (dict(output_dir=Path("runs/a")), "output_dir", "runs/a"),
         (dict(save_total_limit=None), "save_total_limit", None),
+        (dict(max_steps=np.int64(5)), "max_steps", 5),
+        (dict(learning_rate=np.float32(0.5)), "learning_rate", 0.5),
     ],
     ids=lambda value: str(value) if isinstance(value, dict) else "",
 )
