@@ -221,7 +221,11 @@ def main(argv: list[str] | None = None, default_recipe: str | None = None) -> di
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", default=default_recipe, help="A YAML recipe (see examples/configs/).")
     known, rest = parser.parse_known_args(argv)
-    settings = {**read_recipe(known.config), **parse_overrides(rest)}
+    try:
+        settings = {**read_recipe(known.config), **parse_overrides(rest)}
+        split_settings(settings)  # a bad setting is a usage error (exit 2), before anything loads
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
     summary = run(settings)
     from accelerate import PartialState
 

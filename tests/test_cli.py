@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionRPOConfig
-from diffusion_pref_trainers.cli import ScriptArguments, parse_overrides, read_recipe, split_settings
+from diffusion_pref_trainers.cli import ScriptArguments, main, parse_overrides, read_recipe, split_settings
 
 
 def _config(*tokens: str) -> Any:
@@ -104,3 +104,14 @@ def test_bad_recipes_are_errors_naming_the_setting(tmp_path: Path, text: str, er
 def test_a_missing_recipe_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nowhere.yaml does not exist: pass --config a YAML file"):
         read_recipe(str(tmp_path / "nowhere.yaml"))
+
+
+def test_the_script_reports_a_bad_setting_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", "none.yaml", "--max_steps", "2"])
+    assert exited.value.code == 2
+    assert "error: Recipe none.yaml does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["--max_steps", "2.5"])
+    assert exited.value.code == 2
+    assert "`max_steps` takes a whole number" in capsys.readouterr().err
