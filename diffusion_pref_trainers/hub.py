@@ -31,13 +31,13 @@ from huggingface_hub import (
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples/validation.png"
 # What `push_folder` uploads: exactly the files a run writes for users (adapter or full denoiser weights as
-# safetensors, the model card, the settings, the run fingerprint, the sample grid). A `*` never crosses a `/`,
-# and no path with a dotfile or dot-folder goes, so checkpoints, caches, secrets and pickles never leave the machine.
+# safetensors, the model card, the settings, the sample grid). A `*` never crosses a `/`, and no path with a dotfile
+# or dot-folder goes, so checkpoints, the run record (`run.json`: local paths, for resuming), caches, secrets and
+# pickles never leave the machine.
 UPLOAD_ALLOW_LIST = (
     "*.safetensors",
     "README.md",
     "training_config.json",
-    "run.json",
     "samples/*.png",
     *(f"{folder}/{name}" for folder in ("unet", "transformer") for name in ("*.safetensors", "config.json")),
     *(f"{folder}/*.safetensors.index.json" for folder in ("unet", "transformer")),

@@ -138,7 +138,7 @@ def test_the_upload_is_weights_card_config_and_samples_without_checkpoints_or_pi
         "optimizer.pt", "notes.pkl", "head.pth", "tmp-checkpoint-3/adapter_model.safetensors", ".env",
         ".ssh/id_rsa", ".git-credentials", "frame.pickle", "embeddings.npy", "model.joblib", "weights.bin",
         ".cache/hidden.safetensors", ".hidden.safetensors", "samples/latents.npy", "samples/old/grid.png",
-        "unet/diffusion_pytorch_model.bin", "runs/events.out.tfevents.1", "trainer_state.json",
+        "unet/diffusion_pytorch_model.bin", "runs/events.out.tfevents.1", "trainer_state.json", "run.json", ".lock",
     )  # fmt: skip
     for stray in clutter:
         (folder / stray).parent.mkdir(parents=True, exist_ok=True)
@@ -151,13 +151,13 @@ def test_the_upload_is_weights_card_config_and_samples_without_checkpoints_or_pi
 @pytest.mark.parametrize(
     "written",
     [
-        ["run.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"],
+        ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"],
         ["transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
          "transformer/diffusion_pytorch_model.safetensors.index.json"],
     ],
 )  # fmt: skip
-def test_the_allow_list_takes_a_full_fine_tune_and_the_run_fingerprint(tmp_path, written: list[str]) -> None:
-    for name in [*written, "unet/notes.txt", "transformer/sub/x.safetensors"]:
+def test_the_allow_list_takes_a_full_fine_tune(tmp_path, written: list[str]) -> None:
+    for name in [*written, "run.json", ".lock", "unet/notes.txt", "transformer/sub/x.safetensors"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     assert hub.upload_plan(tmp_path) == sorted(written)
