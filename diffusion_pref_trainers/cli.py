@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import re
 import resource
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from diffusion_pref_trainers.configs import _help
+from diffusion_pref_trainers.configs import _help, field_types, split_optional
 from diffusion_pref_trainers.families import get_family
 from diffusion_pref_trainers.sources import load_pipeline
 from diffusion_pref_trainers.trainers import TRAINERS
@@ -55,17 +57,24 @@ class ScriptArguments:
 
 
 def read_recipe(path: str | None) -> dict[str, Any]:
-    """The flat mapping of a YAML recipe (empty when no path)."""
+    """The flat mapping of a YAML recipe (empty when no path); values are typed later, by `split_settings`."""
     if path is None:
         return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Recipe {path} does not exist: pass --config a YAML file (see examples/configs/).")
     recipe = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"{path} must hold a mapping of settings, not a {type(recipe).__name__}.")
-    return {key: _number(value) for key, value in recipe.items()}
+    return recipe
+
+
+class Flag(str):
+    """A bare `--name` given without a value: True for a bool field, an error for any other."""
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """`--key value` / `--key=value` pairs; values are read as YAML, so `1e-4`, `true` and `[a, b]` work."""
+    """`--key value` / `--key=value` pairs as text, and a bare `--key` as a `Flag`; `split_settings` types the
+    text by the field's annotation, as TRL's parser does."""
     overrides: dict[str, Any] = {}
     index = 0
     while index < len(tokens):
@@ -74,42 +83,86 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             raise ValueError(f"Expected an option like --learning_rate 1e-4, got {token!r}.")
         key, sep, value = token[2:].partition("=")
         if not sep:
-            if index + 1 >= len(tokens) or tokens[index + 1].startswith("--"):
-                raise ValueError(f"Option --{key} needs a value, e.g. --{key} 1.")
-            index += 1
-            value = tokens[index]
-        overrides[key.replace("-", "_")] = _parse_value(value)
+            bare = index + 1 >= len(tokens) or tokens[index + 1].startswith("--")
+            value = Flag(key) if bare else tokens[index + 1]
+            index += 0 if bare else 1
+        overrides[key.replace("-", "_")] = value
         index += 1
     return overrides
 
 
-_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+_INTEGER = re.compile(r"[+-]?\d+")
+# transformers' `string_to_bool`, which TRL's parser applies to bool fields.
+_TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
+_NONE = ("none", "null", "~")
 
 
-def _number(value: Any) -> Any:
-    """`1e-4` as a float: YAML 1.1 reads it as a string (it wants `1.0e-4`), which would surprise anyone."""
-    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
+def _from_text(name: str, text: str, kind: Any) -> Any:
+    """Text (from the command line or a quoted YAML value) as a value of type `kind`; an error naming the option
+    when it cannot be a switch or a number. Other text stays text, for the config to check."""
+    origin = typing.get_origin(kind)
+    if kind is bool and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    if kind is bool:
+        raise ValueError(f"--{name} {text}: `{name}` takes a boolean (true/false, yes/no, 1/0).")
+    if kind is int and not _INTEGER.fullmatch(text):
+        raise ValueError(f"--{name} {text}: `{name}` takes a whole number.")
+    if kind is int:
+        return int(text)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--{name} {text}: `{name}` takes a number, e.g. 1e-4.") from None
+    if origin is dict or (origin is list and text.startswith("[")):
+        return yaml.safe_load(text)
+    return text
 
 
-def _parse_value(text: str) -> Any:
-    """A command-line value read as YAML (so `true`, `3`, `[a, b]` work), with `1e-4` as a number."""
-    return _number(yaml.safe_load(text))
+def typed_value(name: str, value: Any, hint: Any) -> Any:
+    """A setting (command-line text, a bare flag, or a YAML value) as field `name` of annotation `hint` reads it.
+
+    Text is read by the annotation (`no` is False for a bool field and stays 'no' for a string field; `none` is
+    None where None is allowed; `[a, b]` is a list); from YAML, `1e-4` is a number for a float field and a
+    YAML 1.1 boolean (`no`, `off`, ...) is 'no'/'yes' for a string field. The config checks the result.
+    """
+    kind, optional = split_optional(hint)
+    if isinstance(value, Flag):
+        if kind is not bool:
+            raise ValueError(f"Option --{name} needs a value: only switches (True/False fields) can be given bare.")
+        return True
+    if isinstance(value, str) and optional and value.lower() in _NONE:
+        return None
+    if isinstance(value, str) and kind is not str:
+        return _from_text(name, value, kind)
+    if isinstance(value, bool) and kind is str:
+        return "yes" if value else "no"
+    return value
+
+
+def _unknown_keys_error(unknown: list[str], valid: set[str], method: str) -> ValueError:
+    """An error naming each unknown key with the closest valid names."""
+    lines = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(valid), n=3)
+        lines.append(f"`{key}`" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return ValueError(f"Unknown settings for method {method!r}: {'; '.join(lines)}. Valid: {sorted(valid)}.")
 
 
 def split_settings(settings: dict[str, Any]) -> tuple[ScriptArguments, Any]:
-    """Script arguments and the method's config from one mapping; unknown keys are an error listing valid ones."""
-    script_keys = {f.name for f in dataclasses.fields(ScriptArguments)}
-    script = ScriptArguments(**{k: v for k, v in settings.items() if k in script_keys})
-    if script.method not in TRAINERS:
-        raise ValueError(f"Unknown method {script.method!r}; choose one of {', '.join(sorted(TRAINERS))}.")
-    config_class = TRAINERS[script.method].config_class
-    config_keys = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(settings) - script_keys - config_keys)
+    """Script arguments and the method's config from one mapping, each value typed by its field's annotation;
+    an unknown key is an error naming the closest valid ones."""
+    method = typed_value("method", settings.get("method", "dpo"), str)
+    if method not in TRAINERS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(TRAINERS))}.")
+    config_class = TRAINERS[method].config_class
+    script_types, config_types = field_types(ScriptArguments), field_types(config_class)
+    unknown = sorted(set(settings) - set(script_types) - set(config_types))
     if unknown:
-        raise ValueError(
-            f"Unknown settings {unknown} for method {script.method!r}. Valid: {sorted(script_keys | config_keys)}."
-        )
-    return script, config_class(**{k: v for k, v in settings.items() if k in config_keys})
+        raise _unknown_keys_error(unknown, set(script_types) | set(config_types), method)
+    typed = {key: typed_value(key, value, {**script_types, **config_types}[key]) for key, value in settings.items()}
+    script = ScriptArguments(**{k: v for k, v in typed.items() if k in script_types})
+    return script, config_class(**{k: v for k, v in typed.items() if k in config_types})
 
 
 def _load_data(script: ScriptArguments, resolution: int) -> tuple[Any, Any]:
@@ -123,12 +176,13 @@ def _load_data(script: ScriptArguments, resolution: int) -> tuple[Any, Any]:
     return script.dataset_name, None
 
 
-def run_toy(script: ScriptArguments, settings: dict[str, Any]) -> dict[str, Any]:
-    """Align the shipped toy pipeline to `script.toy_task`; the summary has the reward before and after."""
+def run_toy(script: ScriptArguments, args: Any, given: set[str]) -> dict[str, Any]:
+    """Align the shipped toy pipeline to `script.toy_task` with the config settings in `given` (typed, from
+    `args`); the summary has the reward before and after."""
     from diffusion_pref_trainers.toy.alignment import ToyExperiment, run_experiment
 
-    config_keys = {f.name for f in dataclasses.fields(TRAINERS[script.method].config_class)}
-    overrides = {key: value for key, value in settings.items() if key in config_keys}
+    config_keys = {f.name for f in dataclasses.fields(args)}
+    overrides = {key: getattr(args, key) for key in given if key in config_keys}
     output_dir = overrides.pop("output_dir", f"outputs/toy-{script.toy_task}-{script.method}")
     experiment = ToyExperiment(task=script.toy_task, train_prompts=script.toy_prompts)
     summary = run_experiment(script.method, experiment, output_dir, overrides)
@@ -139,7 +193,7 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     """Train once with `settings` (recipe plus overrides); returns the adapter path, metrics and timing."""
     script, args = split_settings(settings)
     if script.toy_task is not None and script.model_name_or_path is None and script.dataset_name is None:
-        return run_toy(script, settings)
+        return run_toy(script, args, set(settings))
     if script.model_name_or_path is None:
         from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
@@ -184,7 +238,11 @@ def main(argv: list[str] | None = None, default_recipe: str | None = None) -> di
     parser.add_argument("--config", default=default_recipe, help="A YAML recipe (see examples/configs/).")
     known, rest = parser.parse_known_args(argv)
     use_cpu_for_several_processes()
-    settings = {**read_recipe(known.config), **parse_overrides(rest)}
+    try:
+        settings = {**read_recipe(known.config), **parse_overrides(rest)}
+        split_settings(settings)  # a bad setting is a usage error (exit 2), before anything loads
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
     summary = run(settings)
     from accelerate import PartialState
 

@@ -46,7 +46,8 @@ def config_reference() -> str:
         "",
         "Generated from the dataclasses' help texts by `python -m diffusion_pref_trainers.config_docs`;",
         "a test keeps this page in sync. Every field can be set in a recipe YAML or on the command line",
-        "(`--field value`). Invalid values raise a `ValueError` naming the fix before any model is loaded.",
+        "(`--field value`, read by the field's type). A value of the wrong type raises a `TypeError`, an invalid one a",
+        "`ValueError`, naming the field and the fix before any model is loaded (see docs/troubleshooting.md).",
     ]
     for config_class in classes:
         parent = _parent(config_class)

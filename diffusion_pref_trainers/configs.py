@@ -8,9 +8,13 @@ can read a config without the docs. Every field carries its help text in `metada
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
+import numbers
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +62,59 @@ def _check_finite_numbers(config: Any) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Reject a value outside `choices`, listing the accepted ones."""
     _check(value in choices, f"`{name}={value!r}` is not supported; choose one of {', '.join(choices)}.")
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of every field of dataclass `cls` (the module's annotations are strings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def split_optional(hint: Any) -> tuple[Any, bool]:
+    """`X | None` as (X, True); any other annotation as (itself, False)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        rest = [arg for arg in args if arg is not type(None)]
+        return (rest[0] if len(rest) == 1 else hint), type(None) in args
+    return hint, False
+
+
+def _type_name(hint: Any) -> str:
+    """How an error names an expected type."""
+    names = {bool: "True or False", int: "a whole number", float: "a number, e.g. 1e-4", str: "a string"}
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "a list of strings (or one string)"
+    if origin is dict:
+        return "a mapping of strings to strings"
+    return names.get(hint, str(hint))
+
+
+def checked_value(name: str, value: Any, hint: Any) -> Any:
+    """`value` of field `name` if it has the annotated type (any integer, numpy's too, is an int; any real number a
+    float for float fields; a string a one-item list; a path a string); otherwise a `TypeError` naming the field,
+    the value and the type."""
+    kind, optional = split_optional(hint)
+    if value is None and optional:
+        return value
+    origin = typing.get_origin(kind)
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if origin is list and isinstance(value, (str, list, tuple)):
+        items = [value] if isinstance(value, str) else list(value)
+        if all(isinstance(item, str) for item in items):
+            return items
+    elif origin is dict and isinstance(value, dict):
+        return value
+    elif kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    elif kind in (bool, str) and isinstance(value, kind):
+        return value
+    expected = _type_name(kind) + (" or None" if optional else "")
+    raise TypeError(f"`{name}` must be {expected}, got {value!r} ({type(value).__name__}).")
 
 
 def _torch_compile_backends() -> tuple[str, ...]:
@@ -180,7 +237,7 @@ class DiffusionTrainingConfig:
     validation_inference_steps: int | None = _help(
         "Sampling steps of the validation images; None: the pipeline's default.", None
     )
-    seed: int = _help("Seed for initialisation, data order, noise and timesteps.", 42)
+    seed: int = _help("Seed for initialisation, data order, noise and timesteps; >= 0.", 42)
     report_to: list[str] = _help("Trackers passed to accelerate ('tensorboard', 'wandb', ...); empty: none.", [])
     resolution: int | None = _help(
         "Training images are resized and cropped to this square size in pixels; None: the pipeline's own sample "
@@ -251,7 +308,7 @@ class DiffusionTrainingConfig:
     )
     use_lora: bool = _help("Train LoRA adapters on the denoiser (True) or fine-tune all its weights (False).", True)
     lora_rank: int = _help("LoRA rank r.", 8)
-    lora_alpha: int = _help("LoRA alpha (scale alpha/r).", 8)
+    lora_alpha: int = _help("LoRA alpha (scale alpha/r), > 0.", 8)
     lora_dropout: float = _help("Dropout inside the LoRA layers.", 0.0)
     lora_target_modules: list[str] | None = _help(
         "Module names that receive LoRA; None uses the model family's attention projections.", None
@@ -310,6 +367,7 @@ class DiffusionTrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
         _check_finite_numbers(self)
         _check(self.learning_rate > 0, f"`learning_rate` must be > 0, got {self.learning_rate}.")
         _check(
@@ -330,12 +388,6 @@ class DiffusionTrainingConfig:
         _check(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints).")
         _check(self.eval_steps >= 0, "`eval_steps` must be >= 0.")
         _check(self.eval_noise_draws >= 1, "`eval_noise_draws` must be >= 1.")
-        if isinstance(self.validation_prompts, str):
-            self.validation_prompts = [self.validation_prompts]
-        _check(
-            all(isinstance(prompt, str) for prompt in self.validation_prompts),
-            "`validation_prompts` must be a list of strings.",
-        )
         _check(self.num_validation_images >= 1, "`num_validation_images` must be >= 1.")
         _check(
             self.validation_inference_steps is None or self.validation_inference_steps >= 1,
@@ -396,6 +448,12 @@ class DiffusionTrainingConfig:
         )
         _check(self.lora_rank >= 1, "`lora_rank` must be >= 1.")
         _check(
+            self.lora_alpha > 0,
+            f"`lora_alpha` must be > 0, got {self.lora_alpha}: the adapters are scaled by lora_alpha/lora_rank, so 0 "
+            "trains nothing. The usual choice is lora_alpha = lora_rank.",
+        )
+        _check(self.seed >= 0, f"`seed` must be >= 0, got {self.seed}.")
+        _check(
             self.init_lora_weights is None or self.use_lora,
             "`init_lora_weights` loads a LoRA adapter: it needs `use_lora=True`.",
         )
@@ -441,13 +499,26 @@ class DiffusionTrainingConfig:
                 f"`torch_compile_mode` is an inductor setting; backend {self.torch_compile_backend!r} takes none: "
                 "leave `torch_compile_mode=None`, or use torch_compile_backend='inductor'.",
             )
-        if isinstance(self.report_to, str):
-            self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
         if self.optim == "adamw_8bit":
             _check(
                 importlib.util.find_spec("bitsandbytes") is not None,
                 "`optim='adamw_8bit'` needs bitsandbytes: `pip install bitsandbytes`, or use optim='adamw_torch'.",
             )
+
+    def _check_types(self) -> None:
+        """Every field against its annotation (see `checked_value`), then `output_dir`, which must name a folder.
+
+        `report_to='none'` (TRL's spelling) means no tracker.
+        """
+        if self.report_to in ("none", ""):
+            self.report_to = []
+        for name, hint in field_types(type(self)).items():
+            setattr(self, name, checked_value(name, getattr(self, name), hint))
+        _check(bool(self.output_dir.strip()), "`output_dir` is empty: name the folder the run writes to.")
+        _check(
+            not os.path.isfile(self.output_dir),
+            f"`output_dir={self.output_dir!r}` is a file: it must name a folder (created if missing).",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict, without the Hub token (safe to write into cards and logs)."""

@@ -1,13 +1,15 @@
 """The Hub, both ways: model cards, what is uploaded and how, and loading an aligned pipeline back.
 
-Out: `create_repo` and `push_folder` upload a saved run in one commit, without checkpoints or pickles; offline, or
-with no token, they fail at once in words. In: `load_aligned_pipeline` reads a pushed card for the base model and builds
-the pipeline with the weights loaded; `adapter_file` finds the adapter that `init_lora_weights` resumes from.
+Out: `create_repo` and `push_folder` upload a saved run in one commit, only the files of `UPLOAD_ALLOW_LIST` (never
+checkpoints, pickles or dotfiles); offline, with no token, or with the Hub unreachable, they fail at once in words.
+In: `load_aligned_pipeline` reads a pushed card for the base model and builds the pipeline with the weights loaded;
+`adapter_file` finds the adapter that `init_lora_weights` resumes from.
 Everything read back is safetensors or text: nothing is unpickled, no remote code runs.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -22,29 +24,25 @@ from huggingface_hub import (
     ModelCard,
     ModelCardData,
     constants,
+    get_session,
     get_token,
     hf_hub_download,
 )
-from huggingface_hub.utils import filter_repo_objects
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples/validation.png"
-# Never uploaded: resumable training state, the folder's lock and run record, temporary folders and any pickle.
-IGNORE_PATTERNS = [
-    ".lock",  # the output folder's lock (`folder_lock`), held while a run pushes
-    "run.json",  # the run's identity for resuming (`checkpoints.RUN_FILE`): local paths, of no use on the Hub
-    "checkpoint-*",
-    "checkpoint-*/**",
-    "tmp-checkpoint-*",
-    "tmp-checkpoint-*/**",
-    "*.pt",
-    "*.pth",
-    "*.bin",
-    "*.pkl",
-    "*.ckpt",
-    ".git/**",
-    ".cache/**",
-]
+# What `push_folder` uploads: exactly the files a run writes for users (adapter or full denoiser weights as
+# safetensors, the model card, the settings, the sample grid). A `*` never crosses a `/`, and no path with a dotfile
+# or dot-folder goes, so checkpoints, the run record (`run.json`: local paths, for resuming), caches, secrets and
+# pickles never leave the machine.
+UPLOAD_ALLOW_LIST = (
+    "*.safetensors",
+    "README.md",
+    "training_config.json",
+    "samples/*.png",
+    *(f"{folder}/{name}" for folder in ("unet", "transformer") for name in ("*.safetensors", "config.json")),
+    *(f"{folder}/*.safetensors.index.json" for folder in ("unet", "transformer")),
+)
 # Keyword arguments `load_aligned_pipeline` refuses: they would run code from the Hub or read pickles.
 UNSAFE_LOAD_KWARGS = ("trust_remote_code", "custom_pipeline", "custom_revision", "use_safetensors")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -111,7 +109,8 @@ def hub_is_offline() -> bool:
 
 
 def ensure_hub_reachable(token: str | None = None) -> None:
-    """Fail at once, in words, where a push cannot succeed: offline mode, or no token anywhere.
+    """Fail at once, in words, where a push cannot succeed: offline mode, no token anywhere, or no answer from the
+    Hub's endpoint.
 
     The token is looked up as huggingface_hub does (`HF_TOKEN`, then the file `hf auth login` writes); it is
     only checked for presence, never printed or stored.
@@ -126,6 +125,20 @@ def ensure_hub_reachable(token: str | None = None) -> None:
             "push_to_hub needs a Hugging Face token: run `hf auth login`, set the HF_TOKEN environment variable, "
             "or pass `hub_token`; or set push_to_hub=False."
         )
+    probe_hub(constants.ENDPOINT)
+
+
+def probe_hub(endpoint: str, timeout: float = 10.0) -> None:
+    """Fail in words when `endpoint` cannot be reached at all (any HTTP answer counts as reachable)."""
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    # The session is huggingface_hub's (requests or httpx, by version): any error here is a transport error,
+    # as an HTTP status does not raise.
+    except Exception as error:
+        raise RuntimeError(
+            f"push_to_hub needs the Hugging Face Hub, but {endpoint} cannot be reached ({type(error).__name__}: "
+            f"{error}). Check the network (and HF_ENDPOINT), or set push_to_hub=False and upload `output_dir` later."
+        ) from None
 
 
 def is_hub_id(name: str) -> bool:
@@ -224,13 +237,25 @@ def render_samples(
     return Path(path)
 
 
+def _allowed(path: str) -> bool:
+    """Whether the relative POSIX `path` matches an allow-list pattern segment by segment (no dot-segments)."""
+    parts = path.split("/")
+    if any(part.startswith(".") for part in parts):
+        return False
+    for pattern in UPLOAD_ALLOW_LIST:
+        globs = pattern.split("/")
+        if len(globs) == len(parts) and all(map(fnmatch.fnmatchcase, parts, globs)):
+            return True
+    return False
+
+
 def upload_plan(folder: str | Path) -> list[str]:
-    """The files (relative POSIX paths, sorted) that `push_folder` uploads from `folder`: every file but those
-    `IGNORE_PATTERNS` matches, filtered as `HfApi.upload_folder` filters."""
+    """The files (relative POSIX paths, sorted) that `push_folder` uploads from `folder`: those that
+    `UPLOAD_ALLOW_LIST` names, nothing else."""
     root = Path(folder)
     # os.walk, unlike glob, shrugs off a checkpoint folder renamed or rotated away while a background push lists.
     files = sorted(Path(top, name).relative_to(root).as_posix() for top, _, names in os.walk(root) for name in names)
-    return list(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
+    return [name for name in files if _allowed(name)]
 
 
 def create_repo(repo_id: str, *, private: bool = False, token: str | None = None) -> str:

@@ -7,12 +7,19 @@ loser j (prompt c_j, image x_j^l), in [-1, 1]. The embedders compute those vecto
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from diffusion_pref_trainers.configs import SIMILARITY_MODES
+from diffusion_pref_trainers.hub import hub_is_offline, is_hub_id
+
+_TEXT_FALLBACK = (
+    "point it at a local CLIP folder (one `CLIPModel.save_pretrained` wrote), or use similarity='text' with "
+    "similarity_model_name_or_path=None (the pipeline's own text encoder)"
+)
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,6 +55,23 @@ def similarity_matrix(
 def _features(output: Any) -> torch.Tensor:
     """CLIP feature getters return a tensor in transformers 4 and a pooled output object in 5."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def check_clip_source(name: str) -> None:
+    """Fail in words, before anything loads, when `similarity_model_name_or_path` cannot give a CLIP model: a path
+    that does not exist and is no Hub id, or, with HF_HUB_OFFLINE set, a Hub id whose files are not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    field = f"`similarity_model_name_or_path={name!r}`"
+    if Path(name).expanduser().exists():
+        return
+    if not is_hub_id(name):
+        raise FileNotFoundError(f"{field} is neither an existing folder nor a Hub id (`owner/name`): {_TEXT_FALLBACK}.")
+    if hub_is_offline() and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise FileNotFoundError(
+            f"{field} is not in the local Hub cache and HF_HUB_OFFLINE is set: download it once online "
+            f"(`hf download {name}`), or {_TEXT_FALLBACK}."
+        )
 
 
 class ClipEmbedder:

@@ -21,7 +21,13 @@ import datasets
 import pytest
 from diffusers import UNet2DConditionModel
 
-from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, DiffusionKTOTrainer, checkpoints
+from diffusion_pref_trainers import (
+    DiffusionDPOConfig,
+    DiffusionDPOTrainer,
+    DiffusionKTOTrainer,
+    DiffusionRPOTrainer,
+    checkpoints,
+)
 from diffusion_pref_trainers.adapters import ADAPTER_FILE
 from diffusion_pref_trainers.configs import DiffusionKTOConfig, DiffusionMaPOConfig, DiffusionRPOConfig
 from diffusion_pref_trainers.folder_lock import LOCK_FILE
@@ -70,7 +76,38 @@ class Case:
 # ------------------------------------------------------------------------------------------------ config
 CONFIG_CASES = [
     Case("negative learning rate", lambda env: env.config(learning_rate=-1.0), ValueError, "learning_rate"),
+    Case("lora_alpha 0 trains nothing", lambda env: env.config(lora_alpha=0), ValueError, "`lora_alpha` must be > 0"),
+    Case("fractional max_steps", lambda env: env.config(max_steps=2.5), TypeError, "`max_steps` must be a whole"),
+    Case("fractional lora_rank", lambda env: env.config(lora_rank=4.5), TypeError, "`lora_rank` must be a whole"),
+    Case("fractional seed", lambda env: env.config(seed=1.5), TypeError, "`seed` must be a whole number"),
+    Case("negative seed", lambda env: env.config(seed=-1), ValueError, "`seed` must be >= 0"),
+    Case("learning rate as text", lambda env: env.config(learning_rate="1e-3"), TypeError, "a number, e.g. 1e-4"),
+    Case("beta as text", lambda env: env.config(beta="5000"), TypeError, "`beta` must be a number"),
+    Case("output_dir None", lambda env: env.config(output_dir=None), TypeError, "`output_dir` must be a string"),
+    Case("output_dir empty", lambda env: env.config(output_dir=""), ValueError, "`output_dir` is empty"),
+    Case("output_dir is a file", lambda env: env.config(output_dir=_a_file(env)), ValueError, "must name a folder"),
+    Case("use_lora as text", lambda env: env.config(use_lora="no"), TypeError, "`use_lora` must be True or False"),
+    Case(
+        "batch size True",
+        lambda env: env.config(per_device_train_batch_size=True),
+        TypeError,
+        "`per_device_train_batch_size` must be a whole number",
+    ),
+    Case("report_to a number", lambda env: env.config(report_to=5), TypeError, "`report_to` must be a list"),
+    Case(
+        "lora_target_modules a number",
+        lambda env: env.config(lora_target_modules=3),
+        TypeError,
+        "`lora_target_modules` must be a list of strings",
+    ),
 ]
+
+
+def _a_file(env: Env) -> str:
+    """A file beside `output_dir`, to be given as `output_dir`."""
+    path = env.tmp / "notes.txt"
+    path.write_text("not a folder")
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -176,6 +213,26 @@ MODEL_CASES = [
         lambda env: env.trainer(args=env.config(resolution=33)),
         ValueError,
         "multiple of",
+    ),
+    Case(
+        "RPO similarity model path that does not exist",
+        lambda env: env.trainer(
+            DiffusionRPOTrainer,
+            args=env.config(
+                DiffusionRPOConfig, similarity="image", similarity_model_name_or_path=str(env.tmp / "clip")
+            ),
+        ),
+        FileNotFoundError,
+        "neither an existing folder nor a Hub id",
+    ),
+    Case(
+        "RPO similarity model not cached, offline",
+        lambda env: env.trainer(
+            DiffusionRPOTrainer,
+            args=env.config(DiffusionRPOConfig, similarity="image", similarity_model_name_or_path="nobody/no-clip"),
+        ),
+        FileNotFoundError,
+        "not in the local Hub cache and HF_HUB_OFFLINE is set",
     ),
 ]
 
@@ -341,11 +398,91 @@ GUARD_CASES: list[Case] = [
 
 
 # ------------------------------------------------------------------------------------------------ command line
-CLI_CASES: list[Case] = []
+def _cli(env: Env, *tokens: str, recipe: str | None = None) -> Any:
+    """What the command line `tokens` (after `--config recipe`) builds, writing to `env.out`."""
+    from diffusion_pref_trainers.cli import parse_overrides, read_recipe, split_settings
+
+    settings = {"output_dir": str(env.out), **read_recipe(recipe), **parse_overrides(list(tokens))}
+    return split_settings(settings)
+
+
+def _recipe(env: Env, text: str) -> str:
+    """A recipe file holding `text`, beside `output_dir`."""
+    path = env.tmp / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+CLI_CASES: list[Case] = [
+    Case("misspelt setting", lambda env: _cli(env, "--lora_alha", "4"), ValueError, "did you mean lora_alpha"),
+    Case("fractional --max_steps", lambda env: _cli(env, "--max_steps", "2.5"), ValueError, "takes a whole number"),
+    Case("--use_lora maybe", lambda env: _cli(env, "--use_lora", "maybe"), ValueError, "takes a boolean"),
+    Case("--learning_rate as a word", lambda env: _cli(env, "--learning_rate", "fast"), ValueError, "takes a number"),
+    Case("--max_steps without a value", lambda env: _cli(env, "--max_steps"), ValueError, "needs a value"),
+    Case("unknown --method", lambda env: _cli(env, "--method", "xyz"), ValueError, "Unknown method 'xyz'"),
+    Case(
+        "--mixed_precision yes",
+        lambda env: _cli(env, "--mixed_precision", "yes"),
+        ValueError,
+        "`mixed_precision='yes'` is not supported",
+    ),
+    Case(
+        "recipe that is a list",
+        lambda env: _cli(env, recipe=_recipe(env, "- method\n- dpo\n")),
+        ValueError,
+        "must hold a mapping",
+    ),
+    Case(
+        "recipe that does not exist",
+        lambda env: _cli(env, recipe=str(env.tmp / "nowhere.yaml")),
+        FileNotFoundError,
+        "does not exist",
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------------------ hub
-HUB_CASES: list[Case] = []
+def _online_trainer(env: Env, endpoint: str, **overrides: Any) -> Any:
+    """A trainer built with offline mode lifted, the Hub at `endpoint`, no token file and no token variable."""
+    import huggingface_hub
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        patch.setenv("HF_HUB_OFFLINE", "0")
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        patch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(env.tmp / "no-token-file"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            patch.delenv(name, raising=False)
+        return env.trainer(args=env.config(push_to_hub=True, **overrides))
+
+
+HUB_CASES: list[Case] = [
+    Case(
+        "push_to_hub offline",
+        lambda env: env.trainer(args=env.config(push_to_hub=True)),
+        RuntimeError,
+        "HF_HUB_OFFLINE is set",
+    ),
+    Case(
+        "push_to_hub with the Hub unreachable",
+        lambda env: _online_trainer(env, "http://127.0.0.1:9", hub_token="hf_test"),
+        RuntimeError,
+        "cannot be reached",
+    ),
+    Case(
+        "push_to_hub without a token",
+        lambda env: _online_trainer(env, "http://127.0.0.1:9"),
+        RuntimeError,
+        "needs a Hugging Face token",
+    ),
+    Case("unknown hub_strategy", lambda env: env.config(hub_strategy="checkpoint"), ValueError, "hub_strategy"),
+    Case(
+        "every_save with no saves",
+        lambda env: env.config(push_to_hub=True, hub_strategy="every_save", save_steps=0),
+        ValueError,
+        "save_steps=0",
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------------------ device

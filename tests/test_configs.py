@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionTrainingConfig
+from diffusion_pref_trainers import (
+    DiffusionDPOConfig,
+    DiffusionKTOConfig,
+    DiffusionRPOConfig,
+    DiffusionTrainingConfig,
+)
 
 
 @pytest.mark.parametrize(
@@ -94,3 +101,78 @@ def test_mutable_defaults_are_not_shared_between_configs() -> None:
     first, second = DiffusionDPOConfig(), DiffusionDPOConfig()
     first.report_to.append("wandb")
     assert second.report_to == []
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(max_steps=2.5), r"`max_steps` must be a whole number, got 2.5 \(float\)"),
+        (dict(lora_rank=4.5), r"`lora_rank` must be a whole number, got 4.5"),
+        (dict(seed="3"), r"`seed` must be a whole number, got '3' \(str\)"),
+        (dict(per_device_train_batch_size=True), r"`per_device_train_batch_size` must be a whole number, got True"),
+        (dict(save_total_limit=2.0), r"`save_total_limit` must be a whole number or None, got 2.0"),
+        (dict(learning_rate="1e-3"), r"`learning_rate` must be a number, e.g. 1e-4, got '1e-3' \(str\)"),
+        (dict(beta=False), r"`beta` must be a number, e.g. 1e-4, got False \(bool\)"),
+        (dict(use_lora="no"), r"`use_lora` must be True or False, got 'no' \(str\)"),
+        (dict(gradient_checkpointing=1), r"`gradient_checkpointing` must be True or False, got 1 \(int\)"),
+        (dict(output_dir=None), r"`output_dir` must be a string, got None"),
+        (dict(mixed_precision=False), r"`mixed_precision` must be a string, got False"),
+        (dict(hub_model_id=3), r"`hub_model_id` must be a string or None, got 3"),
+        (dict(report_to=5), r"`report_to` must be a list of strings \(or one string\), got 5"),
+        (dict(lora_target_modules=3), r"`lora_target_modules` must be a list of strings \(or one string\) or None"),
+        (dict(validation_prompts=["a", 2]), r"`validation_prompts` must be a list of strings"),
+        (dict(column_mapping=[("a", "b")]), r"`column_mapping` must be a mapping of strings to strings or None"),
+    ],
+    ids=lambda value: str(value) if isinstance(value, dict) else "",
+)
+def test_values_of_the_wrong_type_name_the_field_the_value_and_the_type(overrides, message) -> None:
+    with pytest.raises(TypeError, match=message):
+        DiffusionDPOConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,field,expected",
+    [
+        (dict(learning_rate=1), "learning_rate", 1.0),
+        (dict(beta=100), "beta", 100.0),
+        (dict(lora_target_modules="to_q"), "lora_target_modules", ["to_q"]),
+        (dict(lora_target_modules=("to_q", "to_v")), "lora_target_modules", ["to_q", "to_v"]),
+        (dict(validation_prompts="a cat"), "validation_prompts", ["a cat"]),
+        (dict(output_dir=Path("runs/a")), "output_dir", "runs/a"),
+        (dict(save_total_limit=None), "save_total_limit", None),
+        (dict(max_steps=np.int64(5)), "max_steps", 5),
+        (dict(learning_rate=np.float32(0.5)), "learning_rate", 0.5),
+    ],
+    ids=lambda value: str(value) if isinstance(value, dict) else "",
+)
+def test_values_of_a_compatible_type_are_converted(overrides, field, expected) -> None:
+    value = getattr(DiffusionDPOConfig(**overrides), field)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_subclass_fields_are_type_checked_too() -> None:
+    with pytest.raises(TypeError, match=r"`distance_temperature` must be a number"):
+        DiffusionRPOConfig(distance_temperature="0.5", similarity="text", similarity_model_name_or_path=None)
+    with pytest.raises(TypeError, match=r"`desirable_weight` must be a number"):
+        DiffusionKTOConfig(desirable_weight="2")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(lora_alpha=0), r"`lora_alpha` must be > 0, got 0.*trains nothing"),
+        (dict(seed=-1), r"`seed` must be >= 0, got -1"),
+        (dict(output_dir=""), r"`output_dir` is empty"),
+        (dict(output_dir=" "), r"`output_dir` is empty"),
+    ],
+)
+def test_ranges_of_lora_alpha_seed_and_output_dir(overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        DiffusionDPOConfig(**overrides)
+
+
+def test_an_output_dir_that_is_a_file_is_rejected(tmp_path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("x")
+    with pytest.raises(ValueError, match=r"notes.txt'` is a file: it must name a folder"):
+        DiffusionDPOConfig(output_dir=str(path))

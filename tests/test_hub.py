@@ -71,6 +71,7 @@ def online(monkeypatch, tmp_path) -> HubRecorder:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.setattr(hub, "probe_hub", lambda endpoint: None)
     recorder = HubRecorder()
 
     def create_repo(self, repo_id, *, private=False, exist_ok=False, repo_type=None, **_):
@@ -133,12 +134,33 @@ def test_the_upload_is_weights_card_config_and_samples_without_checkpoints_or_pi
     folder = tmp_path / "copy"
     shutil.copytree(run.args.output_dir, folder)
     assert {"checkpoint-1", "checkpoint-2"} <= {path.name for path in folder.iterdir()}
-    for stray in ("optimizer.pt", "notes.pkl", "head.pth", "tmp-checkpoint-3/adapter_model.safetensors"):
-        (folder / stray).parent.mkdir(exist_ok=True)
+    clutter = (
+        "optimizer.pt", "notes.pkl", "head.pth", "tmp-checkpoint-3/adapter_model.safetensors", ".env",
+        ".ssh/id_rsa", ".git-credentials", "frame.pickle", "embeddings.npy", "model.joblib", "weights.bin",
+        ".cache/hidden.safetensors", ".hidden.safetensors", "samples/latents.npy", "samples/old/grid.png",
+        "unet/diffusion_pytorch_model.bin", "runs/events.out.tfevents.1", "trainer_state.json", "run.json", ".lock",
+    )  # fmt: skip
+    for stray in clutter:
+        (folder / stray).parent.mkdir(parents=True, exist_ok=True)
         (folder / stray).write_bytes(b"x")
     assert hub.upload_plan(folder) == [
         "README.md", "pytorch_lora_weights.safetensors", "samples/validation.png", "training_config.json"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"],
+        ["transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+         "transformer/diffusion_pytorch_model.safetensors.index.json"],
+    ],
+)  # fmt: skip
+def test_the_allow_list_takes_a_full_fine_tune(tmp_path, written: list[str]) -> None:
+    for name in [*written, "run.json", ".lock", "unet/notes.txt", "transformer/sub/x.safetensors"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert hub.upload_plan(tmp_path) == sorted(written)
 
 
 def test_no_file_the_run_wrote_holds_the_token(run) -> None:
@@ -223,6 +245,20 @@ def test_a_push_without_a_token_fails_before_training(pairs, tmp_path, online, m
     with pytest.raises(RuntimeError, match="needs a Hugging Face token: run `hf auth login`"):
         DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
     assert online.calls == [] and not Path(args.output_dir).exists()
+
+
+def test_an_unreachable_hub_with_a_token_fails_before_training(pairs, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port
+    from diffusion_pref_trainers.testing import tiny_sd_pipeline
+
+    args = _config(tmp_path, push_to_hub=True, hub_token=TOKEN)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"http://127.0.0.1:9 cannot be reached.*push_to_hub=False"):
+        DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
+    assert time.perf_counter() - start < 15.0
+    assert not Path(args.output_dir).exists()
 
 
 @pytest.mark.parametrize(

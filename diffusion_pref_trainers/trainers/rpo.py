@@ -16,7 +16,12 @@ from peft import LoraConfig
 from diffusion_pref_trainers.cache import weights_identity
 from diffusion_pref_trainers.configs import DiffusionRPOConfig
 from diffusion_pref_trainers.losses import reward_metrics, rpo_loss, rpo_weights
-from diffusion_pref_trainers.similarity import ClipEmbedder, PipelineTextEmbedder, similarity_matrix
+from diffusion_pref_trainers.similarity import (
+    ClipEmbedder,
+    PipelineTextEmbedder,
+    check_clip_source,
+    similarity_matrix,
+)
 from diffusion_pref_trainers.trainers.dpo import DiffusionDPOTrainer
 
 
@@ -27,7 +32,10 @@ class DiffusionRPOTrainer(DiffusionDPOTrainer):
     method = "diffusion-rpo"
 
     def _setup_model(self, peft_config: LoraConfig | None) -> None:
-        """The base setup, then the CLIP embedder (before the precompute cache, which may use it)."""
+        """The base setup, then the CLIP embedder (before the precompute cache, which may use it); a CLIP source that
+        cannot load fails first."""
+        if self.args.similarity_model_name_or_path is not None:
+            check_clip_source(self.args.similarity_model_name_or_path)
         super()._setup_model(peft_config)
         self.embedder = self._load_embedder()
 
