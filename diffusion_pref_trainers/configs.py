@@ -158,6 +158,11 @@ class DiffusionTrainingConfig:
     )
     seed: int = _help("Seed for initialisation, data order, noise and timesteps.", 42)
     report_to: list[str] = _help("Trackers passed to accelerate ('tensorboard', 'wandb', ...); empty: none.", [])
+    run_name: str | None = _help(
+        "The run's name in the trackers (wandb/trackio `name`, mlflow `run_name`; tensorboard writes to "
+        "`output_dir/runs/<run_name>/`), as TrainingArguments names it; None: the name of `output_dir`.",
+        None,
+    )
     resolution: int = _help("Training images are resized and cropped to this square size in pixels.", 512)
     random_flip: bool = _help("Flip each pair horizontally with probability 0.5 (same flip for both images).", False)
     center_crop: bool = _help("Crop the centre after resizing; False crops at a random position.", True)

@@ -26,7 +26,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from diffusion_pref_trainers import adapters, cache, checkpoints, hub, offload, speed
+from diffusion_pref_trainers import adapters, cache, checkpoints, hub, offload, speed, tracking
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     PAIRED_SCHEMAS,
@@ -379,7 +379,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             self._load_checkpoint(resume)
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            self.accelerator.init_trackers(self.method.replace("-", "_"), config=loggable_config(args.to_dict()))
+            self._init_trackers()
         progress = tqdm(total=total, initial=self.state.global_step, disable=not self.accelerator.is_local_main_process)
         self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
         try:
@@ -516,11 +516,21 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         totals = self.accelerator.reduce(torch.stack([*sums, *counts]).to(self.accelerator.device), reduction="sum")
         return dict(zip(keys, (totals[: len(keys)] / totals[len(keys) :]).tolist(), strict=True))
 
+    def _init_trackers(self) -> None:
+        """Start the `report_to` trackers under the run name (files under `output_dir/runs/<run name>`)."""
+        name = tracking.resolved_run_name(self.args.run_name, self.args.output_dir)
+        self.accelerator.project_configuration.logging_dir = tracking.tensorboard_dir(self.args.output_dir, name)
+        self.accelerator.init_trackers(
+            self.method.replace("-", "_"),
+            config=loggable_config(self.args.to_dict()),
+            init_kwargs=tracking.tracker_init_kwargs(name),
+        )
+
     def _log(self, logs: dict[str, float]) -> None:
-        """Append to `state.log_history`, send to trackers and callbacks."""
+        """Append to `state.log_history` (plain keys), send to trackers (`train/`, `eval/`) and callbacks."""
         entry = {**logs, "step": self.state.global_step, "epoch": round(self.state.epoch, 4)}
         self.state.log_history.append(entry)
-        self.accelerator.log(logs, step=self.state.global_step)
+        self.accelerator.log(tracking.namespaced({**logs, "epoch": entry["epoch"]}), step=self.state.global_step)
         for callback in self.callbacks:
             callback.on_log(self, entry)
 
