@@ -197,8 +197,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             self.reference.to(device)
         speed.apply_fast_path(self.args, denoiser, self.reference)  # attention kernel, channels_last, torch_compile
         self.text_encoders = self._add_text_encoder_adapters() if self.args.train_text_encoder else {}
-        if self.args.init_lora_weights and self.peft_config is not None:
-            path = hub.adapter_file(self.args.init_lora_weights, token=self.args.hub_token)
+        if self.args.lora_name_or_path and self.peft_config is not None:
+            path = hub.adapter_file(self.args.lora_name_or_path, token=self.args.hub_token)
             modules = {self.family.denoiser_attr: denoiser, **self.text_encoders}
             adapters.load_saved_lora(path, modules, self.family.lora_state_dict)
             logger.info("LoRA weights initialised from %s", path)
@@ -213,11 +213,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             )
 
     def _add_text_encoder_adapters(self) -> dict[str, torch.nn.Module]:
-        """LoRA on the family's CLIP text encoders (same rank and alpha as the denoiser's), by pipeline attribute."""
-        config = adapters.lora_config_from_args(
-            self.args.lora_rank, self.args.lora_alpha, self.args.lora_dropout,
-            list(self.family.text_encoder_lora_targets),
-        )  # fmt: skip
+        """LoRA on the family's CLIP text encoders (the denoiser's rank, alpha, dropout), by pipeline attribute."""
+        config = adapters.text_encoder_lora_config(self.peft_config, list(self.family.text_encoder_lora_targets))
         encoders = self.family.lora_text_encoders()
         for encoder in encoders.values():
             encoder.add_adapter(config)
