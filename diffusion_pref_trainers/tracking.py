@@ -25,8 +25,11 @@ def resolved_run_name(run_name: str | None, output_dir: str) -> str:
     return run_name or Path(output_dir).resolve().name
 
 
-def tensorboard_dir(output_dir: str, run_name: str) -> str:
-    """Where trackers that write files log: `output_dir/runs/<run name>` (accelerate adds the project folder)."""
+def logging_dir(output_dir: str, run_name: str) -> str:
+    """accelerate's `logging_dir`, where file-writing trackers (tensorboard, ...) log: `output_dir/runs/<run name>`.
+
+    accelerate adds the project's folder (the method's name) below it.
+    """
     return str(Path(output_dir) / "runs" / run_name)
 
 

@@ -516,7 +516,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
     def _init_trackers(self) -> None:
         """Start the `report_to` trackers under the run name (files under `output_dir/runs/<run name>`)."""
         name = tracking.resolved_run_name(self.args.run_name, self.args.output_dir)
-        self.accelerator.project_configuration.logging_dir = tracking.tensorboard_dir(self.args.output_dir, name)
+        self.accelerator.project_configuration.logging_dir = tracking.logging_dir(self.args.output_dir, name)
         self.accelerator.init_trackers(
             self.method.replace("-", "_"),
             config=loggable_config(self.args.to_dict()),
