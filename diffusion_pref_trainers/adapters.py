@@ -40,6 +40,36 @@ def lora_config_from_args(rank: int, alpha: int, dropout: float, target_modules:
     )
 
 
+# peft initialisations that leave the base weights as they are (any other one rewrites them: PiSSA, OLoRA, ...).
+BASE_PRESERVING_INITS = (True, False, "gaussian")
+
+
+def check_base_preserving_init(config: LoraConfig) -> None:
+    """Refuse a peft `init_lora_weights` that modifies the base weights (PiSSA, OLoRA, CorDA, EVA, LoftQ, ...).
+
+    The reference is the base model with its adapters disabled, and the saved adapter is loaded onto the
+    original base weights: both would be wrong if adding the adapter rewrote the base weights.
+    """
+    value = config.init_lora_weights
+    if not any(value is allowed or value == allowed for allowed in BASE_PRESERVING_INITS):
+        raise ValueError(
+            f"peft_config.init_lora_weights={value!r} modifies the base weights when the adapter is added, but the "
+            "reference model is the base model with its adapters disabled and the saved adapter is applied to the "
+            "original base weights: both would be wrong. Use init_lora_weights=True, False or 'gaussian'."
+        )
+
+
+def text_encoder_lora_config(denoiser_config: LoraConfig, target_modules: list[str]) -> LoraConfig:
+    """The text encoders' LoRA: the denoiser's rank, alpha, dropout and init, on the encoders' own modules."""
+    return LoraConfig(
+        r=denoiser_config.r,
+        lora_alpha=denoiser_config.lora_alpha,
+        lora_dropout=denoiser_config.lora_dropout,
+        init_lora_weights=denoiser_config.init_lora_weights,
+        target_modules=target_modules,
+    )
+
+
 def prepare_denoiser(
     denoiser: nn.Module,
     peft_config: LoraConfig | None,
@@ -54,6 +84,7 @@ def prepare_denoiser(
     """
     reference = None
     if peft_config is not None:
+        check_base_preserving_init(peft_config)
         denoiser.requires_grad_(False)
         denoiser.to(dtype=weight_dtype)
         denoiser.add_adapter(peft_config)

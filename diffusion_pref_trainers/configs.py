@@ -13,8 +13,10 @@ import importlib.util
 import math
 import numbers
 import os
+import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,14 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"help": text}, **kwargs)
     return field(default=default, metadata={"help": text}, **kwargs)
+
+
+def _outside_this_module() -> int:
+    """The `stacklevel` that points a warning at the user's line, past this module and the dataclass `__init__`."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename in (__file__, "<string>"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check(condition: bool, message: str) -> None:
@@ -239,6 +249,11 @@ class DiffusionTrainingConfig:
     )
     seed: int = _help("Seed for initialisation, data order, noise and timesteps; >= 0.", 42)
     report_to: list[str] = _help("Trackers passed to accelerate ('tensorboard', 'wandb', ...); empty: none.", [])
+    run_name: str | None = _help(
+        "The run's name in the trackers (wandb/trackio `name`, mlflow `run_name`; tensorboard writes to "
+        "`output_dir/runs/<run_name>/`), as TrainingArguments names it; None: the name of `output_dir`.",
+        None,
+    )
     resolution: int | None = _help(
         "Training images are resized and cropped to this square size in pixels; None: the pipeline's own sample "
         "size (its denoiser's `sample_size` times the VAE factor: 512 for SD 1.5, 1024 for SDXL, SD3 and FLUX).",
@@ -313,15 +328,21 @@ class DiffusionTrainingConfig:
     lora_target_modules: list[str] | None = _help(
         "Module names that receive LoRA; None uses the model family's attention projections.", None
     )
-    init_lora_weights: str | None = _help(
+    lora_name_or_path: str | None = _help(
         "Start from a saved adapter instead of zero: a Hub repo id or a local folder/file holding a "
         "`pytorch_lora_weights.safetensors` written by `save_model` (safetensors only). Its rank, alpha and targets "
         "must match this config's LoRA settings.",
         None,
     )
+    init_lora_weights: str | None = _help(
+        "Deprecated: the old name of `lora_name_or_path` (it clashed with peft's `LoraConfig.init_lora_weights`, "
+        "the initialisation, which goes in `peft_config`). Still read, with a DeprecationWarning.",
+        None,
+    )
     train_text_encoder: bool = _help(
-        "Also train LoRA (same rank and alpha) on the attention projections of the pipeline's CLIP text encoders: "
-        "SD: its one encoder; SDXL and SD3: both; FLUX: its CLIP encoder. T5 encoders are never trained. "
+        "Also train LoRA (same rank, alpha and dropout as the denoiser's, `peft_config`'s when given) on the "
+        "attention projections of the pipeline's CLIP text encoders: SD: its one encoder; SDXL and SD3: both; "
+        "FLUX: its CLIP encoder. T5 encoders are never trained. "
         "Needs `use_lora`; prompt conditioning then cannot be cached.",
         False,
     )
@@ -367,6 +388,7 @@ class DiffusionTrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        self._read_deprecated_names()
         self._check_types()
         _check_finite_numbers(self)
         _check(self.learning_rate > 0, f"`learning_rate` must be > 0, got {self.learning_rate}.")
@@ -454,8 +476,8 @@ class DiffusionTrainingConfig:
         )
         _check(self.seed >= 0, f"`seed` must be >= 0, got {self.seed}.")
         _check(
-            self.init_lora_weights is None or self.use_lora,
-            "`init_lora_weights` loads a LoRA adapter: it needs `use_lora=True`.",
+            self.lora_name_or_path is None or self.use_lora,
+            "`lora_name_or_path` loads a LoRA adapter: it needs `use_lora=True`.",
         )
         _check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         _check(
@@ -519,6 +541,28 @@ class DiffusionTrainingConfig:
             not os.path.isfile(self.output_dir),
             f"`output_dir={self.output_dir!r}` is a file: it must name a folder (created if missing).",
         )
+
+    def _read_deprecated_names(self) -> None:
+        """Move a value given under a deprecated field name to its new field, with a DeprecationWarning."""
+        if self.init_lora_weights is None:
+            return
+        _check(
+            isinstance(self.init_lora_weights, str),
+            f"`init_lora_weights={self.init_lora_weights!r}`: this config's `init_lora_weights` is the deprecated name "
+            "of `lora_name_or_path` (a saved adapter), not peft's initialisation: pass "
+            "`peft_config=LoraConfig(init_lora_weights=...)` to the trainer for that.",
+        )
+        _check(
+            self.lora_name_or_path is None,
+            "`init_lora_weights` is the deprecated name of `lora_name_or_path`: set only `lora_name_or_path`.",
+        )
+        warnings.warn(
+            "`init_lora_weights` is deprecated (peft's `LoraConfig` has a field of that name with another meaning): "
+            "use `lora_name_or_path`.",
+            DeprecationWarning,
+            stacklevel=_outside_this_module(),
+        )
+        self.lora_name_or_path, self.init_lora_weights = self.init_lora_weights, None
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict, without the Hub token (safe to write into cards and logs)."""

@@ -3,7 +3,8 @@
 Out: `create_repo` and `push_folder` upload a saved run in one commit, only the files of `UPLOAD_ALLOW_LIST` (never
 checkpoints, pickles or dotfiles); offline, with no token, or with the Hub unreachable, they fail at once in words.
 In: `load_aligned_pipeline` reads a pushed card for the base model and builds the pipeline with the weights loaded;
-`adapter_file` finds the adapter that `init_lora_weights` resumes from.
+`adapter_file` finds the adapter that the config's `lora_name_or_path` names (`init_lora_weights` before, a name now
+deprecated).
 Everything read back is safetensors or text: nothing is unpickled, no remote code runs.
 """
 

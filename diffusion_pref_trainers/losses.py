@@ -19,6 +19,14 @@ def implicit_rewards(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Te
     return ref_err - model_err
 
 
+def pair_reward_scale(beta: float) -> float:
+    """The factor from `s` to the logged reward of DPO/RPO: `beta/2`, the scale inside their sigmoid.
+
+    With it `rewards/margins` is the sigmoid's argument, as TRL's is (TRL: `-log sigmoid(margin)`).
+    """
+    return 0.5 * beta
+
+
 def preference_loss(
     logits: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
 ) -> torch.Tensor:
@@ -107,15 +115,20 @@ def kto_loss(
 
 
 def kto_metrics(
-    model_err: torch.Tensor, ref_err: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor
+    model_err: torch.Tensor, ref_err: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *, beta: float
 ) -> dict[str, torch.Tensor]:
-    """KTO's logged metrics; a mean over no images (a batch without undesirable ones, say) is NaN."""
-    rewards = implicit_rewards(model_err, ref_err).detach()
-    chosen, rejected = rewards[desirable].mean(), rewards[~desirable].mean()
+    """KTO's logged metrics; a mean over no images (a batch without undesirable ones, say) is NaN.
+
+    As TRL's: `rewards/*` are `beta * g` (KTO's sigmoid has no 1/2), `kl` is unscaled; `errors/*` keep `g`.
+    """
+    raw = implicit_rewards(model_err, ref_err).detach()
+    chosen, rejected = raw[desirable].mean(), raw[~desirable].mean()
     return {
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
+        "rewards/chosen": beta * chosen,
+        "rewards/rejected": beta * rejected,
+        "rewards/margins": beta * (chosen - rejected),
+        "errors/chosen_diff": chosen,
+        "errors/rejected_diff": rejected,
         "kl": kl.detach(),
     }
 
@@ -193,16 +206,23 @@ def safeguarded_errors(errors: torch.Tensor, outputs: torch.Tensor, mu: float) -
 
 
 def reward_metrics(
-    model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor
+    model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, *, beta: float
 ) -> dict[str, torch.Tensor]:
-    """TRL-named metrics of a batch of pairs, as detached 0-d tensors (no host sync here)."""
+    """TRL-named metrics of a batch of pairs, as detached 0-d tensors (no host sync here).
+
+    `rewards/*` are `beta/2 * s` (`pair_reward_scale`), so a pair's margin is its sigmoid argument;
+    `errors/*_diff` are the unscaled `s = r - m`.
+    """
     chosen = implicit_rewards(model_w, ref_w).detach()
     rejected = implicit_rewards(model_l, ref_l).detach()
+    scale = pair_reward_scale(beta)
     return {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
+        "rewards/chosen": scale * chosen.mean(),
+        "rewards/rejected": scale * rejected.mean(),
         "rewards/accuracies": (chosen > rejected).float().mean(),
-        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/margins": scale * (chosen - rejected).mean(),
+        "errors/chosen_diff": chosen.mean(),
+        "errors/rejected_diff": rejected.mean(),
         "model_loss/chosen": model_w.detach().mean(),
         "model_loss/rejected": model_l.detach().mean(),
         "ref_loss/chosen": ref_w.detach().mean(),

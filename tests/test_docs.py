@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
+import diffusion_pref_trainers
 from diffusion_pref_trainers.config_docs import config_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +66,27 @@ def test_the_readme_python_snippet_runs_offline_as_the_readme_says(
     assert namespace["trainer"].state.global_step == 2
     assert (tmp_path / "sd15-rpo" / "pytorch_lora_weights.safetensors").is_file()
     assert namespace["pipe"].get_active_adapters()  # the fresh pipeline loaded the adapter
+
+
+def _nav_pages(entries: list) -> set[str]:
+    """The page files an mkdocs `nav` lists, at any depth."""
+    pages = set()
+    for entry in entries:
+        for value in entry.values() if isinstance(entry, dict) else [entry]:
+            pages |= _nav_pages(value) if isinstance(value, list) else {value}
+    return pages
+
+
+def test_the_site_navigation_lists_every_docs_page() -> None:
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    assert _nav_pages(nav) == {path.name for path in (ROOT / "docs").glob("*.md")}
+
+
+def test_the_api_reference_covers_every_export() -> None:
+    documented = re.findall(r"^::: diffusion_pref_trainers\.(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M)
+    assert sorted(documented) == sorted(diffusion_pref_trainers.__all__)
+
+
+def test_ci_builds_the_docs_strictly() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install --quiet -e ".[docs]" -c constraints.txt' in ci and "mkdocs build --strict" in ci

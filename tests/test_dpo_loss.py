@@ -93,15 +93,17 @@ def test_unknown_loss_type_names_the_accepted_ones() -> None:
 
 
 def test_reward_metrics_match_the_hand_computation() -> None:
-    metrics = reward_metrics(*_tensors())
+    metrics = reward_metrics(*_tensors(), beta=BETA)
     chosen = [rw - mw for mw, rw in zip(MODEL_W, REF_W, strict=True)]
     rejected = [rl - ml for ml, rl in zip(MODEL_L, REF_L, strict=True)]
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     expected = {
-        "rewards/chosen": mean(chosen),
-        "rewards/rejected": mean(rejected),
+        "rewards/chosen": BETA / 2 * mean(chosen),  # the beta/2 convention of the loss
+        "rewards/rejected": BETA / 2 * mean(rejected),
         "rewards/accuracies": mean([float(c > r) for c, r in zip(chosen, rejected, strict=True)]),
-        "rewards/margins": mean([c - r for c, r in zip(chosen, rejected, strict=True)]),
+        "rewards/margins": BETA / 2 * mean([c - r for c, r in zip(chosen, rejected, strict=True)]),
+        "errors/chosen_diff": mean(chosen),
+        "errors/rejected_diff": mean(rejected),
         "model_loss/chosen": mean(MODEL_W),
         "model_loss/rejected": mean(MODEL_L),
         "ref_loss/chosen": mean(REF_W),
@@ -115,6 +117,14 @@ def test_reward_metrics_match_the_hand_computation() -> None:
     assert 0.0 < expected["rewards/accuracies"] < 1.0  # the fixture ranks some pairs right and some wrong
 
 
+def test_sigmoid_loss_is_minus_log_sigmoid_of_the_logged_margin_for_one_pair() -> None:
+    # TRL's reading: the sigmoid loss of a pair is -log sigmoid(rewards/margins).
+    for pair in range(len(MODEL_W)):
+        one = tuple(t[pair : pair + 1] for t in _tensors())
+        margin = reward_metrics(*one, beta=BETA)["rewards/margins"].item()
+        assert dpo_loss(*one, beta=BETA).item() == pytest.approx(-_log_sigmoid(margin), rel=1e-12)
+
+
 def test_reward_metrics_are_detached() -> None:
     model_w, model_l, ref_w, ref_l = (t.clone().requires_grad_(i < 2) for i, t in enumerate(_tensors()))
-    assert not any(value.requires_grad for value in reward_metrics(model_w, model_l, ref_w, ref_l).values())
+    assert not any(value.requires_grad for value in reward_metrics(model_w, model_l, ref_w, ref_l, beta=BETA).values())

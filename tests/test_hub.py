@@ -266,7 +266,7 @@ def test_an_unreachable_hub_with_a_token_fails_before_training(pairs, tmp_path, 
     [
         (dict(hub_strategy="checkpoint"), "hub_strategy='checkpoint'.*end, every_save"),
         (dict(push_to_hub=True, hub_strategy="every_save", save_steps=0), "save_steps=0"),
-        (dict(use_lora=False, init_lora_weights="me/adapter"), "needs `use_lora=True`"),
+        (dict(use_lora=False, lora_name_or_path="me/adapter"), "needs `use_lora=True`"),
     ],
 )
 def test_hub_settings_are_validated(tmp_path, overrides, message) -> None:
@@ -325,18 +325,18 @@ def test_load_aligned_pipeline_refuses_remote_code_and_pickles(run, tmp_path, mo
         load_aligned_pipeline(pickled)
 
 
-# -------------------------------------------------------------------------------- init_lora_weights
-def test_init_lora_weights_starts_from_the_saved_adapter(run, pairs, tmp_path) -> None:
+# -------------------------------------------------------------------------------- lora_name_or_path
+def test_lora_name_or_path_starts_from_the_saved_adapter(run, pairs, tmp_path) -> None:
     from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
-    resumed = DiffusionDPOTrainer(tiny_sd_pipeline(), _config(tmp_path, init_lora_weights=run.args.output_dir), pairs)
+    resumed = DiffusionDPOTrainer(tiny_sd_pipeline(), _config(tmp_path, lora_name_or_path=run.args.output_dir), pairs)
     saved, loaded = get_peft_model_state_dict(run._unwrapped), get_peft_model_state_dict(resumed._unwrapped)
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in loaded.items())  # not a fresh adapter
     resumed.train()  # and it trains on from there
 
 
-def test_init_lora_weights_downloads_only_the_safetensors_file_of_a_repo(run, pairs, tmp_path, monkeypatch) -> None:
+def test_lora_name_or_path_downloads_only_the_safetensors_file_of_a_repo(run, pairs, tmp_path, monkeypatch) -> None:
     requested = []
 
     def download(repo_id, filename, **kwargs):
@@ -346,7 +346,7 @@ def test_init_lora_weights_downloads_only_the_safetensors_file_of_a_repo(run, pa
     monkeypatch.setattr(hub, "hf_hub_download", download)
     from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
-    DiffusionDPOTrainer(tiny_sd_pipeline(), _config(tmp_path, init_lora_weights="me/tiny-dpo"), pairs)
+    DiffusionDPOTrainer(tiny_sd_pipeline(), _config(tmp_path, lora_name_or_path="me/tiny-dpo"), pairs)
     assert requested == [("me/tiny-dpo", "pytorch_lora_weights.safetensors")]
 
 
@@ -356,18 +356,18 @@ def test_init_lora_weights_downloads_only_the_safetensors_file_of_a_repo(run, pa
         (dict(lora_rank=4, lora_alpha=8), "has lora_rank=8 for unet; this run has 4"),
         (dict(lora_alpha=16), "has lora_alpha=8 for unet; this run has 16"),
         (dict(lora_target_modules=["to_q", "to_v"]), "targets other unet modules.*set `lora_target_modules`"),
-        (dict(init_lora_weights="missing/folder/x"), "neither an existing folder"),
+        (dict(lora_name_or_path="missing/folder/x"), "neither an existing folder"),
     ],
 )
-def test_init_lora_weights_mismatches_are_clear_errors(run, pairs, tmp_path, overrides, message) -> None:
+def test_lora_name_or_path_mismatches_are_clear_errors(run, pairs, tmp_path, overrides, message) -> None:
     from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
-    args = _config(tmp_path, **{"init_lora_weights": run.args.output_dir, **overrides})
+    args = _config(tmp_path, **{"lora_name_or_path": run.args.output_dir, **overrides})
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
 
 
-def test_init_lora_weights_restores_text_encoder_adapters_only_when_they_are_trained(pairs, tmp_path) -> None:
+def test_lora_name_or_path_restores_text_encoder_adapters_only_when_they_are_trained(pairs, tmp_path) -> None:
     from diffusion_pref_trainers.adapters import lora_config_from_args
     from diffusion_pref_trainers.families import get_family
     from diffusion_pref_trainers.testing import tiny_sd_pipeline
@@ -381,17 +381,17 @@ def test_init_lora_weights_restores_text_encoder_adapters_only_when_they_are_tra
                 torch.nn.init.normal_(param)
     saved = tmp_path / "saved"
     get_family(pipe).save_lora_weights(str(saved), {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-    args = _config(tmp_path, init_lora_weights=str(saved))
+    args = _config(tmp_path, lora_name_or_path=str(saved))
     with pytest.raises(ValueError, match=r"\['text_encoder'\], which this run does not adapt \(set `train_text_enc"):
         DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
-    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), _config(tmp_path, init_lora_weights=str(saved),
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), _config(tmp_path, lora_name_or_path=str(saved),
                                                               train_text_encoder=True), pairs)  # fmt: skip
     for module, loaded in ((pipe.unet, trainer._unwrapped), (pipe.text_encoder, trainer.text_encoders["text_encoder"])):
         expected, got = get_peft_model_state_dict(module), get_peft_model_state_dict(loaded)
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_init_lora_weights_never_reads_a_pickled_adapter(tmp_path) -> None:
+def test_lora_name_or_path_never_reads_a_pickled_adapter(tmp_path) -> None:
     (tmp_path / "pytorch_lora_weights.bin").write_bytes(b"pickle")
     with pytest.raises(FileNotFoundError, match="safetensors files"):
         hub.adapter_file(tmp_path)

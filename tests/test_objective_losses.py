@@ -81,12 +81,14 @@ def test_kto_reference_point_carries_no_gradient() -> None:
 
 def test_kto_metrics_split_by_label_and_mark_missing_labels_nan() -> None:
     model, ref = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.5, 2.0, 2.0])
-    metrics = kto_metrics(model, ref, torch.tensor([True, True, False]), torch.tensor(0.1))
-    assert metrics["rewards/chosen"].item() == pytest.approx(0.25)
-    assert metrics["rewards/rejected"].item() == pytest.approx(-1.0)
-    assert metrics["rewards/margins"].item() == pytest.approx(1.25)
-    assert metrics["kl"].item() == pytest.approx(0.1)
-    only_desirable = kto_metrics(model, ref, torch.tensor([True, True, True]), torch.tensor(0.0))
+    metrics = kto_metrics(model, ref, torch.tensor([True, True, False]), torch.tensor(0.1), beta=4.0)
+    assert metrics["errors/chosen_diff"].item() == pytest.approx(0.25)  # mean of r - m over 0.5 and 0.0
+    assert metrics["errors/rejected_diff"].item() == pytest.approx(-1.0)
+    assert metrics["rewards/chosen"].item() == pytest.approx(4.0 * 0.25)  # beta * g, as in KTO's sigmoid
+    assert metrics["rewards/rejected"].item() == pytest.approx(4.0 * -1.0)
+    assert metrics["rewards/margins"].item() == pytest.approx(4.0 * 1.25)
+    assert metrics["kl"].item() == pytest.approx(0.1)  # unscaled, as TRL logs it
+    only_desirable = kto_metrics(model, ref, torch.tensor([True, True, True]), torch.tensor(0.0), beta=4.0)
     assert math.isnan(only_desirable["rewards/rejected"].item())
 
 

@@ -263,7 +263,7 @@ def test_safeguard_keeps_the_winners_error_down_where_plain_dpo_raises_it(tmp_pa
         trainer.train()
         final = trainer.state.log_history[-1]
         assert "eval_safeguard/lambda" not in final
-        chosen_rewards[safeguard] = final["eval_rewards/chosen"]  # r_w - m_w: > 0 when the winners improved
+        chosen_rewards[safeguard] = final["eval_errors/chosen_diff"]  # r_w - m_w: > 0 when the winners improved
         lambdas += [entry["safeguard/lambda"] for entry in trainer.state.log_history if "safeguard/lambda" in entry]
     assert chosen_rewards[False] < 0 < chosen_rewards[True]
     assert len(lambdas) == 3 and all(0.0 < value <= 1.0 for value in lambdas)

@@ -276,7 +276,8 @@ def test_sft_weight_adds_the_winner_denoising_loss(pairs, make_config) -> None:
     logits = [(rw - mw) - (rl - ml) for mw, ml, rw, rl in zip(model_w, model_l, ref_w, ref_l, strict=True)]
     dpo = sum(math.log1p(math.exp(-10.0 / 2 * x)) for x in logits) / 2
     assert loss.item() == pytest.approx(dpo + 0.5 * (0.1 + 0.3) / 2, rel=1e-6)
-    assert metrics["rewards/margins"].item() == pytest.approx(sum(logits) / 2, rel=1e-6)
+    assert metrics["rewards/margins"].item() == pytest.approx(10.0 / 2 * sum(logits) / 2, rel=1e-6)  # beta/2 * s
+    assert metrics["errors/chosen_diff"].item() == pytest.approx((0.15 - 0.1 + 0.2 - 0.3) / 2, rel=1e-6)
 
 
 def test_swap_preferences_trains_on_the_rejected_image_as_winner(pairs, make_config) -> None:

@@ -29,7 +29,7 @@ from peft import LoraConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion_pref_trainers import adapters, cache, hub, offload, speed
+from diffusion_pref_trainers import adapters, cache, hub, offload, speed, tracking
 from diffusion_pref_trainers.configs import DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     DECODE_ERRORS,
@@ -258,8 +258,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             self.reference.to(device)
         speed.apply_fast_path(self.args, denoiser, self.reference)  # attention kernel, channels_last, torch_compile
         self.text_encoders = self._add_text_encoder_adapters() if self.args.train_text_encoder else {}
-        if self.args.init_lora_weights and self.peft_config is not None:
-            path = hub.adapter_file(self.args.init_lora_weights, token=self.args.hub_token)
+        if self.args.lora_name_or_path and self.peft_config is not None:
+            path = hub.adapter_file(self.args.lora_name_or_path, token=self.args.hub_token)
             modules = {self.family.denoiser_attr: denoiser, **self.text_encoders}
             adapters.load_saved_lora(path, modules, self.family.lora_state_dict)
             logger.info("LoRA weights initialised from %s", path)
@@ -274,11 +274,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             )
 
     def _add_text_encoder_adapters(self) -> dict[str, torch.nn.Module]:
-        """LoRA on the family's CLIP text encoders (same rank and alpha as the denoiser's), by pipeline attribute."""
-        config = adapters.lora_config_from_args(
-            self.args.lora_rank, self.args.lora_alpha, self.args.lora_dropout,
-            list(self.family.text_encoder_lora_targets),
-        )  # fmt: skip
+        """LoRA on the family's CLIP text encoders (the denoiser's rank, alpha, dropout), by pipeline attribute."""
+        config = adapters.text_encoder_lora_config(self.peft_config, list(self.family.text_encoder_lora_targets))
         encoders = self.family.lora_text_encoders()
         for encoder in encoders.values():
             encoder.add_adapter(config)
@@ -449,7 +446,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         args = self.args
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            self.accelerator.init_trackers(self.method.replace("-", "_"), config=loggable_config(args.to_dict()))
+            self._init_trackers()
         progress = tqdm(total=total, initial=self.state.global_step, disable=not self.accelerator.is_local_main_process)
         self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
         try:
@@ -648,11 +645,21 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         totals = self.accelerator.reduce(torch.stack([*sums, *counts]).to(self.accelerator.device), reduction="sum")
         return dict(zip(keys, (totals[: len(keys)] / totals[len(keys) :]).tolist(), strict=True))
 
+    def _init_trackers(self) -> None:
+        """Start the `report_to` trackers under the run name (files under `output_dir/runs/<run name>`)."""
+        name = tracking.resolved_run_name(self.args.run_name, self.args.output_dir)
+        self.accelerator.project_configuration.logging_dir = tracking.logging_dir(self.args.output_dir, name)
+        self.accelerator.init_trackers(
+            self.method.replace("-", "_"),
+            config=loggable_config(self.args.to_dict()),
+            init_kwargs=tracking.tracker_init_kwargs(name),
+        )
+
     def _log(self, logs: dict[str, float]) -> None:
-        """Append to `state.log_history`, send to trackers and callbacks."""
+        """Append to `state.log_history` (plain keys), send to trackers (`train/`, `eval/`) and callbacks."""
         entry = {**logs, "step": self.state.global_step, "epoch": round(self.state.epoch, 4)}
         self.state.log_history.append(entry)
-        self.accelerator.log(logs, step=self.state.global_step)
+        self.accelerator.log(tracking.namespaced({**logs, "epoch": entry["epoch"]}), step=self.state.global_step)
         for callback in self.callbacks:
             callback.on_log(self, entry)
 

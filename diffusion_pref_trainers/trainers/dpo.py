@@ -54,4 +54,4 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
         )  # fmt: skip
         if args.sft_weight:
             loss = loss + args.sft_weight * model_w.mean()
-        return loss, {**reward_metrics(model_w, model_l, ref_w, ref_l), **self.safeguard_metrics()}
+        return loss, {**reward_metrics(model_w, model_l, ref_w, ref_l, beta=args.beta), **self.safeguard_metrics()}

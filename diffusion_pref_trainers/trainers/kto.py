@@ -63,7 +63,7 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
             model_err, ref_err, desirable, beta=args.beta, desirable_weight=args.desirable_weight,
             undesirable_weight=args.undesirable_weight, kl=kl,
         )  # fmt: skip
-        metrics = kto_metrics(model_err, ref_err, desirable, kl)
+        metrics = kto_metrics(model_err, ref_err, desirable, kl, beta=args.beta)
         if paired:  # does each winner beat its own loser (on the same noise)?
             chosen, rejected = rewards.detach().chunk(2)
             metrics["rewards/accuracies"] = (chosen > rejected).float().mean()

@@ -114,7 +114,7 @@ class DiffusionRPOTrainer(DiffusionDPOTrainer):
             loss = loss + args.sft_weight * model_w.mean()
         weights = rpo_weights(similarity, args.distance_temperature)
         metrics = {
-            **reward_metrics(model_w, model_l, ref_w, ref_l),
+            **reward_metrics(model_w, model_l, ref_w, ref_l, beta=args.beta),
             "loss": loss.detach(),
             "rpo/weight_diagonal": weights.diagonal().mean(),
             "rpo/similarity_mean": similarity.mean(),
