@@ -14,25 +14,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
-from diffusion_pref_trainers.configs import _help
-from diffusion_pref_trainers.trainers import TRAINERS
+from diffusion_pref_trainers.configs import METHOD_CONFIGS, _help
 
 
 @dataclass
 class ScriptArguments:
     """Where the model and the data come from (TRL's `ScriptArguments` names), and which method trains."""
 
-    method: str = _help(f"The objective to train with: one of {', '.join(sorted(TRAINERS))}.", "dpo")
+    method: str = _help(f"The objective to train with: one of {', '.join(sorted(METHOD_CONFIGS))}.", "dpo")
     model_name_or_path: str | None = _help(
         "A diffusers pipeline: Hub id or local folder. None: the built-in tiny pipeline (offline).", None
     )
@@ -97,9 +97,9 @@ def split_settings(settings: dict[str, Any]) -> tuple[ScriptArguments, Any]:
     """Script arguments and the method's config from one mapping; unknown keys are an error listing valid ones."""
     script_keys = {f.name for f in dataclasses.fields(ScriptArguments)}
     script = ScriptArguments(**{k: v for k, v in settings.items() if k in script_keys})
-    if script.method not in TRAINERS:
-        raise ValueError(f"Unknown method {script.method!r}; choose one of {', '.join(sorted(TRAINERS))}.")
-    config_class = TRAINERS[script.method].config_class
+    if script.method not in METHOD_CONFIGS:
+        raise ValueError(f"Unknown method {script.method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}.")
+    config_class = METHOD_CONFIGS[script.method]
     config_keys = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(settings) - script_keys - config_keys)
     if unknown:
@@ -124,7 +124,7 @@ def run_toy(script: ScriptArguments, settings: dict[str, Any]) -> dict[str, Any]
     """Align the shipped toy pipeline to `script.toy_task`; the summary has the reward before and after."""
     from diffusion_pref_trainers.toy.alignment import ToyExperiment, run_experiment
 
-    config_keys = {f.name for f in dataclasses.fields(TRAINERS[script.method].config_class)}
+    config_keys = {f.name for f in dataclasses.fields(METHOD_CONFIGS[script.method])}
     overrides = {key: value for key, value in settings.items() if key in config_keys}
     output_dir = overrides.pop("output_dir", f"outputs/toy-{script.toy_task}-{script.method}")
     experiment = ToyExperiment(task=script.toy_task, train_prompts=script.toy_prompts)
@@ -134,6 +134,8 @@ def run_toy(script: ScriptArguments, settings: dict[str, Any]) -> dict[str, Any]
 
 def run(settings: dict[str, Any]) -> dict[str, Any]:
     """Train once with `settings` (recipe plus overrides); returns the adapter path, metrics and timing."""
+    from diffusion_pref_trainers.trainers import TRAINERS
+
     script, args = split_settings(settings)
     if script.toy_task is not None and script.model_name_or_path is None and script.dataset_name is None:
         return run_toy(script, settings)
@@ -162,12 +164,52 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def print_help(parser: argparse.ArgumentParser, settings: dict[str, Any]) -> NoReturn:
+    """Print the options: `--config`, the script arguments and every field of the method's config, then exit."""
+    method = settings.get("method", ScriptArguments.method)
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}.")
+    full = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        parents=[parser],
+        add_help=False,
+        usage="%(prog)s [--config RECIPE.yaml] [--setting value ...]",
+        epilog="Values are read as YAML: `--learning_rate 1e-4`, `--gradient_checkpointing true`.",
+    )
+    for title, fields in (
+        ("script arguments", dataclasses.fields(ScriptArguments)),
+        (f"{method} settings ({METHOD_CONFIGS[method].__name__})", dataclasses.fields(METHOD_CONFIGS[method])),
+    ):
+        group = full.add_argument_group(title)
+        for field in fields:
+            shown = settings.get(field.name, _default(field))
+            text = field.metadata.get("help", "").replace("%", "%%")
+            group.add_argument(f"--{field.name}", metavar="VALUE", help=f"{text} (now: {shown!r})")
+    full.print_help()
+    sys.exit(0)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value (None when it has none)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+
+
 def main(argv: list[str] | None = None, default_recipe: str | None = None) -> dict[str, Any]:
-    """Parse `--config recipe.yaml [--key value ...]`, train, print and return the summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    """Parse `--config recipe.yaml [--key value ...]`, train, print and return the summary; `--help` lists every
+    setting of the chosen method (from `--method` or the recipe) without importing torch."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False, add_help=False)
     parser.add_argument("--config", default=default_recipe, help="A YAML recipe (see examples/configs/).")
+    parser.add_argument("-h", "--help", action="store_true", help="Show every setting of the method and exit.")
     known, rest = parser.parse_known_args(argv)
     settings = {**read_recipe(known.config), **parse_overrides(rest)}
+    if known.help:
+        print_help(parser, settings)
+    from diffusion_pref_trainers.threads import set_run_threads
+
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(set_run_threads(), file=sys.stderr)
     summary = run(settings)
     from accelerate import PartialState
 
