@@ -17,6 +17,9 @@ from diffusion_pref_trainers.configs import (
     DiffusionSFTConfig,
     DiffusionTrainingConfig,
 )
+from diffusion_pref_trainers.notices import drop_known_import_notices
+
+drop_known_import_notices()
 
 __version__ = "0.1.0"
 

@@ -26,3 +26,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"^(pip install .*pytest)$", readme, flags=re.MULTILINE)
     assert len(commands) == 1
     assert commands[0] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_accelerate_launch_in_the_docs_names_a_config_file() -> None:
+    # Without one, accelerate guesses the process count from the GPUs: 0 on a CPU-only machine, with a warning.
+    pages = [ROOT / "README.md", ROOT / "examples" / "train.py", *sorted((ROOT / "docs").glob("*.md"))]
+    lines = [(page.name, line.strip('`" ')) for page in pages for line in page.read_text().splitlines()]
+    launches = [(name, line) for name, line in lines if line.startswith("accelerate launch ")]
+    assert launches
+    assert [(name, line) for name, line in launches if "--config_file" not in line] == []

@@ -40,6 +40,7 @@ from diffusion_pref_trainers.data import (
     drop_ties,
     row_seed,
 )
+from diffusion_pref_trainers.dtypes import cast_model
 from diffusion_pref_trainers.families import get_family
 from diffusion_pref_trainers.loader import Loaders
 from diffusion_pref_trainers.optim import build_optimizer, build_scheduler
@@ -180,7 +181,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         """Freeze the encoders, add adapters (or unfreeze for full fine-tuning) and move to the device."""
         device = self.accelerator.device
         for module in self.family.frozen_modules():
-            module.requires_grad_(False).to(device, dtype=self.weight_dtype).eval()
+            cast_model(module.requires_grad_(False), self.weight_dtype, device).eval()
         if self.args.use_lora and peft_config is None:
             targets = self.args.lora_target_modules or list(self.family.default_lora_targets)
             peft_config = adapters.lora_config_from_args(
