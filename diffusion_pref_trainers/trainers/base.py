@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -381,7 +382,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             self.accelerator.init_trackers(self.method.replace("-", "_"), config=loggable_config(args.to_dict()))
-        progress = tqdm(total=total, initial=self.state.global_step, disable=not self.accelerator.is_local_main_process)
+        main = self.accelerator.is_local_main_process
+        progress = tqdm(total=total, initial=self.state.global_step, desc="training", unit="step", disable=not main)
         self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
         try:
             for callback in self.callbacks:
@@ -538,7 +540,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         totals: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}  # rows per metric, NaNs (unmeasurable in a batch) left out
         batches = self._loaders.batches(dataset, self.args.per_device_eval_batch_size, 0, shuffle=False)
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(self._eval_progress(batches)):
             draws = []
             for draw in range(self.args.eval_noise_draws):
                 seed = row_seed(self.args.seed, 10_000_019 * (draw + 1) + index, self.accelerator.process_index)
@@ -555,6 +557,14 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         summed = self.accelerator.reduce(torch.stack([totals[k] for k in keys] + [counts[k] for k in keys]), "sum")
         means = (summed[: len(keys)] / summed[len(keys) :]).tolist()
         return {f"eval_{key}": value for key, value in zip(keys, means, strict=True)}
+
+    def _eval_progress(self, batches: Iterator[dict[str, Any]]) -> tqdm:
+        """A progress bar over the eval batches, named for when it measures; gone when done, so that during
+        training only the training bar stays."""
+        step = self.state.global_step
+        desc = "evaluating before training" if step == 0 else f"evaluating at step {step}"
+        main = self.accelerator.is_local_main_process
+        return tqdm(batches, desc=desc, unit="batch", leave=False, disable=not main)
 
 
 def _names_splits(source: Any) -> bool:

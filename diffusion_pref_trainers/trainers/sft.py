@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from diffusion_pref_trainers.configs import DiffusionSFTConfig
-from diffusion_pref_trainers.data import PAIRED_SCHEMAS, winners_only
+from diffusion_pref_trainers.data import PAIRED_SCHEMAS, keep_rows, winners_only
 from diffusion_pref_trainers.losses import sft_loss
 from diffusion_pref_trainers.trainers.base import DiffusionPreferenceTrainer
 
@@ -24,7 +24,7 @@ class DiffusionSFTTrainer(DiffusionPreferenceTrainer):
         if schema in PAIRED_SCHEMAS:
             return winners_only(dataset, schema)
         if schema == "unpaired":
-            return dataset.filter(bool, input_columns="label")
+            return keep_rows(dataset, "label", bool)
         return dataset
 
     def compute_loss(
