@@ -52,4 +52,4 @@ def set_run_threads(environ: Mapping[str, str] | None = None) -> str:
     count, reason = choose_num_threads(os.environ if environ is None else environ, physical_cores())
     if count is not None:
         torch.set_num_threads(count)
-    return f"Using {torch.get_num_threads()} torch threads per process ({reason}; override with {THREADS_ENV}=N)."
+    return f"torch threads per process: {torch.get_num_threads()} ({reason}; override with {THREADS_ENV}=N)."
