@@ -182,9 +182,9 @@ def print_help(parser: argparse.ArgumentParser, settings: dict[str, Any]) -> NoR
     ):
         group = full.add_argument_group(title)
         for field in fields:
-            shown = settings.get(field.name, _default(field))
-            text = field.metadata.get("help", "").replace("%", "%%")
-            group.add_argument(f"--{field.name}", metavar="VALUE", help=f"{text} (now: {shown!r})")
+            value = f"set: {settings[field.name]!r}" if field.name in settings else f"default: {_default(field)!r}"
+            text = field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+            group.add_argument(f"--{field.name}", metavar="VALUE", help=f"{text} ({value})")
     full.print_help()
     sys.exit(0)
 
@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None, default_recipe: str | None = None) -> di
         print_help(parser, settings)
     from diffusion_pref_trainers.threads import set_run_threads
 
+    threads = set_run_threads()  # every process; one line on the machine's first
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(set_run_threads(), file=sys.stderr)
+        print(threads, file=sys.stderr)
     summary = run(settings)
     from accelerate import PartialState
 
