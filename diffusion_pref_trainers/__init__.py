@@ -69,4 +69,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """The module's names, the lazy ones included (for completion)."""
     return sorted(set(globals()) | set(__all__))
