@@ -27,6 +27,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("P
 from diffusion_pref_trainers import TrainerCallback  # noqa: E402
 
 # Dense bf16 tensor-core peak FLOP/s per GPU (vendor datasheets; SXM parts), matched against the device name.
+RUNS = Path(__file__).parent / "runs"  # default output folder, git-ignored
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Variants with other clocks than the SXM part their name would match: no peak is assumed for them.
 OTHER_VARIANTS = ("PCIe", "NVL")
@@ -41,14 +42,20 @@ def base_parser(doc: str, quick: str, steps: int | None = 12, out: str = "") -> 
         parser.add_argument("--steps", type=int, default=steps, help="Optimizer steps per case, warm-up included.")
         parser.add_argument("--warmup", type=int, default=2, help="Steps discarded before timing.")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
-    parser.add_argument("--out", default=None, help=f"Result JSON; default: benchmarks/results/{out}.")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"Result JSON; default: benchmarks/runs/{out} (untracked). Name a file under benchmarks/results/ to "
+        "record a result in the repository.",
+    )
     return parser
 
 
 def default_out(name: str, quick: bool) -> str:
-    """Where a script writes its JSON by default: ``benchmarks/results/<name>_<cpu|cuda>[_quick].json``."""
+    """Where a script writes its JSON without `--out`: ``benchmarks/runs/<name>_<cpu|cuda>[_quick].json``, an
+    untracked folder, so a trial run never overwrites the recorded results in ``benchmarks/results/``."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(Path(__file__).parent / "results" / f"{name}_{device}{'_quick' * quick}.json")
+    return str(RUNS / f"{name}_{device}{'_quick' * quick}.json")
 
 
 def throughput(step_flops: int, ms_per_step: float, peak: float | None) -> dict[str, Any]:

@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128], help="Resolutions to sweep.")
     parser.add_argument("--kit", choices=sorted(KITS), default="tiny", help="The models (see kits.py).")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="Autocast dtype (GPU: bf16).")
-    parser.add_argument("--plot", default=None, help="PNG; default: docs/performance_sweep.png (quick: results/).")
+    parser.add_argument("--plot", default=None, help="PNG; default: next to the JSON (docs/performance_sweep.png: the "
+                        "documented one).")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pairs, resolutions, steps = ([1, 4], [32, 64], 5) if args.quick else (args.pairs, args.resolutions, args.steps)
@@ -121,10 +122,7 @@ def main() -> None:
                 "mixed_precision": args.mixed_precision, "quick": args.quick}  # fmt: skip
     out = args.out or default_out("sweep", args.quick)
     write_result(out, settings, rows, args.threads)
-    default_plot = (
-        Path(out).with_suffix(".png") if args.quick else Path(__file__).parents[1] / "docs" / "performance_sweep.png"
-    )
-    plot(rows, args.plot or str(default_plot), device_description(args.threads), KITS[args.kit][0])
+    plot(rows, args.plot or str(Path(out).with_suffix(".png")), device_description(args.threads), KITS[args.kit][0])
 
 
 if __name__ == "__main__":

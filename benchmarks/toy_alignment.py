@@ -1,7 +1,9 @@
 """The quality benchmark: every objective on every toy task, same data, budget and seeds; a Markdown table,
-JSON and base-vs-aligned grids in benchmarks/results/toy_alignment/.
+JSON and base-vs-aligned grids in benchmarks/runs/toy_alignment/ (untracked; the recorded run is
+benchmarks/results/toy_alignment/, written with `--out`).
 
     python benchmarks/toy_alignment.py                      # large, warm, centred x all objectives
+    python benchmarks/toy_alignment.py --out benchmarks/results/toy_alignment  # record the run
     python benchmarks/toy_alignment.py --tasks warm --methods dpo rpo --quick
 
 Per task, the shipped toy pipeline is sampled once for the task's prompts (which leave the rewarded attribute
@@ -72,7 +74,9 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="8 prompts, 10 steps: checks the pipeline, not quality")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/toy_alignment")
+    parser.add_argument(
+        "--out", default="benchmarks/runs/toy_alignment", help="Folder; benchmarks/results/toy_alignment records it."
+    )
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     steps, prompts = (10, 8) if options.quick else (options.max_steps, options.train_prompts)

@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffusion_pref_trainers.dtypes import cast_model
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -86,14 +88,14 @@ def prepare_denoiser(
     if peft_config is not None:
         check_base_preserving_init(peft_config)
         denoiser.requires_grad_(False)
-        denoiser.to(dtype=weight_dtype)
+        cast_model(denoiser, weight_dtype)
         denoiser.add_adapter(peft_config)
         cast_training_params(denoiser, dtype=torch.float32)
     else:
         if keep_reference:
-            reference = copy.deepcopy(denoiser).requires_grad_(False).to(dtype=weight_dtype).eval()
+            reference = cast_model(copy.deepcopy(denoiser).requires_grad_(False), weight_dtype).eval()
         denoiser.requires_grad_(True)
-        denoiser.to(dtype=torch.float32)
+        cast_model(denoiser, torch.float32)
     if gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()

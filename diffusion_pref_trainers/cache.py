@@ -180,7 +180,7 @@ def _build(
     return datasets.Dataset.from_dict({"index": list(range(len(wrapped)))}).map(
         encode_rows, batched=True, batch_size=batch_size, writer_batch_size=batch_size, remove_columns=["index"],
         features=_features(template, labelled), cache_file_name=str(path), new_fingerprint=fingerprint,
-        desc="Precomputing latents",
+        desc="caching latents",
     )  # fmt: skip
 
 

@@ -23,21 +23,18 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
-from diffusion_pref_trainers.configs import _help, field_types, split_optional
-from diffusion_pref_trainers.families import get_family
-from diffusion_pref_trainers.sources import load_pipeline
-from diffusion_pref_trainers.trainers import TRAINERS
+from diffusion_pref_trainers.configs import METHOD_CONFIGS, _help, field_types, split_optional
 
 
 @dataclass
 class ScriptArguments:
     """Where the model and the data come from (TRL's `ScriptArguments` names), and which method trains."""
 
-    method: str = _help(f"The objective to train with: one of {', '.join(sorted(TRAINERS))}.", "dpo")
+    method: str = _help(f"The objective to train with: one of {', '.join(sorted(METHOD_CONFIGS))}.", "dpo")
     model_name_or_path: str | None = _help(
         "A diffusers pipeline: Hub id or local folder. None: the built-in tiny pipeline (offline).", None
     )
@@ -153,9 +150,9 @@ def split_settings(settings: dict[str, Any]) -> tuple[ScriptArguments, Any]:
     """Script arguments and the method's config from one mapping, each value typed by its field's annotation;
     an unknown key is an error naming the closest valid ones."""
     method = typed_value("method", settings.get("method", "dpo"), str)
-    if method not in TRAINERS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(TRAINERS))}.")
-    config_class = TRAINERS[method].config_class
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}.")
+    config_class = METHOD_CONFIGS[method]
     script_types, config_types = field_types(ScriptArguments), field_types(config_class)
     unknown = sorted(set(settings) - set(script_types) - set(config_types))
     if unknown:
@@ -191,6 +188,10 @@ def run_toy(script: ScriptArguments, args: Any, given: set[str]) -> dict[str, An
 
 def run(settings: dict[str, Any]) -> dict[str, Any]:
     """Train once with `settings` (recipe plus overrides); returns the adapter path, metrics and timing."""
+    from diffusion_pref_trainers.families import get_family
+    from diffusion_pref_trainers.sources import load_pipeline
+    from diffusion_pref_trainers.trainers import TRAINERS
+
     script, args = split_settings(settings)
     if script.toy_task is not None and script.model_name_or_path is None and script.dataset_name is None:
         return run_toy(script, args, set(settings))
@@ -232,17 +233,59 @@ def use_cpu_for_several_processes() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
+def print_help(parser: argparse.ArgumentParser, settings: dict[str, Any]) -> NoReturn:
+    """Print the options: `--config`, the script arguments and every field of the method's config, then exit."""
+    method = settings.get("method", ScriptArguments.method)
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}.")
+    full = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        parents=[parser],
+        add_help=False,
+        usage="%(prog)s [--config RECIPE.yaml] [--setting value ...]",
+        epilog="Values are read as YAML: `--learning_rate 1e-4`, `--gradient_checkpointing true`.",
+    )
+    for title, fields in (
+        ("script arguments", dataclasses.fields(ScriptArguments)),
+        (f"{method} settings ({METHOD_CONFIGS[method].__name__})", dataclasses.fields(METHOD_CONFIGS[method])),
+    ):
+        group = full.add_argument_group(title)
+        for field in fields:
+            value = f"set: {settings[field.name]!r}" if field.name in settings else f"default: {_default(field)!r}"
+            text = field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+            group.add_argument(f"--{field.name}", metavar="VALUE", help=f"{text} ({value})")
+    full.print_help()
+    sys.exit(0)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value (None when it has none)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+
+
 def main(argv: list[str] | None = None, default_recipe: str | None = None) -> dict[str, Any]:
-    """Parse `--config recipe.yaml [--key value ...]`, train, print and return the summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    """Parse `--config recipe.yaml [--key value ...]`, train, print and return the summary; `--help` lists every
+    setting of the chosen method (from `--method` or the recipe) without importing torch."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False, add_help=False)
     parser.add_argument("--config", default=default_recipe, help="A YAML recipe (see examples/configs/).")
+    parser.add_argument("-h", "--help", action="store_true", help="Show every setting of the method and exit.")
     known, rest = parser.parse_known_args(argv)
-    use_cpu_for_several_processes()
     try:
         settings = {**read_recipe(known.config), **parse_overrides(rest)}
-        split_settings(settings)  # a bad setting is a usage error (exit 2), before anything loads
+        if not known.help:
+            split_settings(settings)  # a bad setting is a usage error (exit 2), before anything loads
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
+    if known.help:
+        print_help(parser, settings)
+    use_cpu_for_several_processes()
+    from diffusion_pref_trainers.threads import set_run_threads
+
+    threads = set_run_threads()  # every process; one line on the machine's first
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(threads, file=sys.stderr)
     summary = run(settings)
     from accelerate import PartialState
 

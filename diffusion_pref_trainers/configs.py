@@ -731,3 +731,14 @@ class DiffusionSFTConfig(DiffusionTrainingConfig):
     dataset (`prompt`, `image`); `per_device_train_batch_size` counts images. No reference model and no
     settings of its own: it is the control every preference objective should beat.
     """
+
+
+# Each method's config class by the short name recipes use; light to import, so the command line's `--help`
+# needs no torch. `trainers.TRAINERS` maps the same names to the trainers (a test keeps the two in step).
+METHOD_CONFIGS: dict[str, type[DiffusionTrainingConfig]] = {
+    "dpo": DiffusionDPOConfig,
+    "rpo": DiffusionRPOConfig,
+    "kto": DiffusionKTOConfig,
+    "mapo": DiffusionMaPOConfig,
+    "sft": DiffusionSFTConfig,
+}

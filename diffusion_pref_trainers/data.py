@@ -22,7 +22,7 @@ import logging
 import numbers
 import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -221,10 +221,19 @@ def check_image_columns(dataset: Any, schema: str) -> None:
 def drop_ties(dataset: Any) -> tuple[Any, int | None]:
     """Remove Pick-a-Pic ties (`label_0` 0.5 in any accepted spelling); returns the dataset and the number dropped
     (None if lazy)."""
-    kept = dataset.filter(lambda label: paired_label(label) != 0.5, input_columns="label_0")
+    kept = keep_rows(dataset, "label_0", lambda label: paired_label(label) != 0.5)
     if isinstance(dataset, datasets.IterableDataset):
         return kept, None
     return kept, len(dataset) - len(kept)
+
+
+def keep_rows(dataset: Any, column: str, keep: Callable[[Any], bool]) -> Any:
+    """The rows whose `column` value passes `keep`: selected by index (no `filter` pass, so no progress bar for a
+    look at one column), the dataset itself when all pass, a lazy filter for a streamed dataset."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.filter(keep, input_columns=column)
+    mask = np.array([bool(keep(value)) for value in dataset[column]], dtype=bool)
+    return dataset if mask.all() else dataset.select(np.flatnonzero(mask))
 
 
 def load_image(value: Any) -> Image.Image:

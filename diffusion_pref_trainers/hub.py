@@ -227,13 +227,12 @@ def render_samples(
     (a full fine-tune kept no base copy) the grid holds the aligned images only."""
     from diffusion_pref_trainers.evaluation import generate, save_comparison_grid, save_grid
 
-    pipe.set_progress_bar_config(disable=True)
-    aligned = generate(pipe, prompts, seeds, **call_kwargs)
+    aligned = generate(pipe, prompts, seeds, desc="generating aligned samples", **call_kwargs)
     if base_weights is None:
         save_grid(aligned, path, row_labels=list(prompts), column_labels=[f"aligned {seed}" for seed in seeds])
     else:
         with base_weights():
-            base = generate(pipe, prompts, seeds, **call_kwargs)
+            base = generate(pipe, prompts, seeds, desc="generating base samples", **call_kwargs)
         save_comparison_grid(prompts, base, aligned, path, seeds)
     return Path(path)
 

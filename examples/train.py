@@ -1,8 +1,9 @@
-"""Train a preference-aligned LoRA: `accelerate launch examples/train.py --config examples/configs/<recipe>.yaml`.
+"""Train a preference-aligned LoRA: `python examples/train.py --config examples/configs/<recipe>.yaml`, or
+`accelerate launch --config_file examples/accelerate_configs/<machine>.yaml examples/train.py --config ...`.
 
-With no `--config` it runs `configs/default.yaml`: Diffusion-RPO on the built-in offline kit (a tiny
-Stable Diffusion pipeline and generated pairs), about a minute on a CPU. Any recipe key can be
-overridden on the command line: `--learning_rate 1e-4 --max_steps 200`.
+With no `--config` it runs `configs/default.yaml`: Diffusion-RPO aligns the shipped toy-world pipeline to
+prefer large shapes (offline, minutes on a CPU). Any recipe key can be
+overridden on the command line: `--learning_rate 1e-4 --max_steps 200`; `--help` lists them all.
 """
 
 import sys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import shutil
 import subprocess
@@ -27,7 +26,6 @@ from diffusion_pref_trainers.testing import make_preference_dataset, tiny_clip_m
 # The test machine's few cores are shared: one intra-op thread per process avoids oversubscription, which
 # made a tiny-UNet evaluation about 10x slower with two threads under load (measured here: 48.7 s vs 4.3 s).
 torch.set_num_threads(1)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 ROOT = Path(__file__).resolve().parents[1]
 
 

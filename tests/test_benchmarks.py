@@ -106,3 +106,11 @@ def test_sdxl_shaped_kit_trains_with_the_sdxl_family(make_config) -> None:
 def test_baseline_step_runs_with_bf16_autocast() -> None:
     times = step_time._baseline_times("tiny", pairs=2, steps=2, resolution=32, precision="bf16")
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_results_go_to_the_ignored_runs_folder_unless_out_is_given() -> None:
+    root = Path(__file__).parents[1]
+    out = Path(common.default_out("suite", quick=True))
+    assert out.parent == root / "benchmarks" / "runs" and out.name.startswith("suite_")
+    assert "/benchmarks/runs/" in (root / ".gitignore").read_text().splitlines()
+    assert common.base_parser(__doc__, "quick").parse_args(["--out", "x.json"]).out == "x.json"

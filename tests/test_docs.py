@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -90,3 +91,68 @@ def test_the_api_reference_covers_every_export() -> None:
 def test_ci_builds_the_docs_strictly() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install --quiet -e ".[docs]" -c constraints.txt' in ci and "mkdocs build --strict" in ci
+
+
+def test_every_accelerate_launch_in_the_docs_names_a_config_file() -> None:
+    # Without one, accelerate guesses the process count from the GPUs: 0 on a CPU-only machine, with a warning.
+    pages = [ROOT / "README.md", ROOT / "examples" / "train.py", *sorted((ROOT / "docs").glob("*.md"))]
+    lines = [(page.name, line.strip('`" ')) for page in pages for line in page.read_text().splitlines()]
+    launches = [(name, line) for name, line in lines if line.startswith("accelerate launch ")]
+    assert launches
+    assert [(name, line) for name, line in launches if "--config_file" not in line] == []
+
+
+def _github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but `-` and `_` dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(page: Path) -> list[str]:
+    """The page's lines outside fenced code blocks."""
+    lines, fenced = [], False
+    for line in page.read_text().splitlines():
+        fenced = fenced != line.lstrip().startswith("```")
+        if not fenced and not line.lstrip().startswith("```"):
+            lines.append(line)
+    return lines
+
+
+def _anchors(page: Path) -> Iterator[str]:
+    """The anchors of a page's headings, with GitHub's -1, -2 suffixes for repeated ones."""
+    seen: dict[str, int] = {}
+    for line in _prose(page):
+        if match := re.match(r"#{1,6} (.+)", line):
+            slug = _github_slug(match.group(1))
+            seen[slug] = seen.get(slug, -1) + 1
+            yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
+def _broken_links(page: Path) -> list[str]:
+    """The page's relative links (and #anchors) that point at no file or no heading."""
+    broken = []
+    for line in _prose(page):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked offline
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no file {linked})")
+            elif anchor and linked.suffix == ".md" and anchor not in set(_anchors(linked)):
+                broken.append(f"{page.name}: {target} (no heading #{anchor} in {linked.name})")
+    return broken
+
+
+def test_every_relative_link_and_anchor_in_the_docs_resolves() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert [broken for page in pages for broken in _broken_links(page)] == []
+
+
+def test_the_link_check_catches_a_missing_file_and_a_missing_heading(tmp_path: Path) -> None:
+    (tmp_path / "other.md").write_text("# Other\n\n## The cache (`cache_latents`)\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#the-cache-cache_latents) [gone](missing.md) [no heading](other.md#nope)\n"
+        "```\n[in code](ignored.md)\n```\n"
+    )
+    assert [line.split(" (")[0] for line in _broken_links(page)] == ["page.md: missing.md", "page.md: other.md#nope"]

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -85,3 +86,34 @@ def test_the_default_example_aligns_the_toy_pipeline_and_reports_rewards(tmp_pat
     assert all(0.0 <= summary[key] <= 1.0 for key in ("reward/base", "reward/aligned", "win_rate"))
     assert "held-out reward" in result.stdout and Path(summary["grid"]).is_file()
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_light_method_map_matches_the_trainers() -> None:
+    from diffusion_pref_trainers.configs import METHOD_CONFIGS
+    from diffusion_pref_trainers.trainers import TRAINERS
+
+    assert METHOD_CONFIGS == {method: trainer.config_class for method, trainer in TRAINERS.items()}
+
+
+def test_help_lists_every_setting_of_the_method_quickly_and_without_torch() -> None:
+    # Runs the worktree's package (PYTHONPATH), then reports whether `--help` imported torch.
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', '--method', 'dpo', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'examples' / 'train.py')!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch imported: False" in result.stdout
+    assert seconds < 20  # under 5 s on an idle machine; generous for loaded CI runners
+    assert "dpo settings (DiffusionDPOConfig)" in result.stdout
+    for field in dataclasses.fields(DiffusionDPOConfig):
+        assert f"--{field.name} " in result.stdout
+    help_text = DiffusionDPOConfig.__dataclass_fields__["learning_rate"].metadata["help"]
+    assert " ".join(help_text.split()[:3]) in " ".join(result.stdout.split())

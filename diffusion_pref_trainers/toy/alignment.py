@@ -83,21 +83,26 @@ def prepare_task(pipe: Any, experiment: ToyExperiment) -> TaskData:
     build = dict(
         task=experiment.task, min_margin=experiment.min_margin, samples_per_prompt=experiment.samples_per_prompt
     )
-    train = build_preference_dataset(sampler, train_prompts, seed=experiment.seed, **build)
-    held_out = build_preference_dataset(sampler, eval_prompts, seed=experiment.seed + 1_000_000, **build)
+    train = build_preference_dataset(
+        sampler, train_prompts, seed=experiment.seed, desc="sampling training pairs", **build
+    )
+    held_out = build_preference_dataset(
+        sampler, eval_prompts, seed=experiment.seed + 1_000_000, desc="sampling held-out pairs", **build
+    )
     for name, pairs, prompts in (("training", train, train_prompts), ("held-out", held_out, eval_prompts)):
         if len(pairs) == 0:
             raise ValueError(
                 f"No {name} pair for task {experiment.task!r}: the samples of all {len(prompts)} prompts were within "
                 f"min_margin={experiment.min_margin} of each other. Use more prompts (`toy_prompts` in a recipe)."
             )
-    return TaskData(train, held_out, eval_prompts, _generate(pipe, eval_prompts, experiment))
+    base_images = _generate(pipe, eval_prompts, experiment, "generating base model's held-out images")
+    return TaskData(train, held_out, eval_prompts, base_images)
 
 
-def _generate(pipe: Any, prompts: list[str], experiment: ToyExperiment) -> list[list[Image.Image]]:
-    """Held-out images: seeds ``0 .. eval_seeds - 1`` for every prompt."""
+def _generate(pipe: Any, prompts: list[str], experiment: ToyExperiment, desc: str) -> list[list[Image.Image]]:
+    """Held-out images: seeds ``0 .. eval_seeds - 1`` for every prompt, under a progress bar named ``desc``."""
     seeds = list(range(experiment.eval_seeds))
-    return generate(pipe, prompts, seeds, batch_size=experiment.sample_batch_size, **experiment.call_kwargs())
+    return generate(pipe, prompts, seeds, experiment.sample_batch_size, desc, **experiment.call_kwargs())
 
 
 def run_experiment(
@@ -131,7 +136,7 @@ def run_experiment(
     state = trainer.train()
     train_seconds = time.perf_counter() - start
     after = trainer.evaluate()
-    aligned = _generate(trainer.pipe, data.eval_prompts, experiment)
+    aligned = _generate(trainer.pipe, data.eval_prompts, experiment, "generating aligned model's held-out images")
     metrics = compare(
         data.eval_prompts, data.base_images, aligned, task, toy_fidelity, task.in_style, attribute_embedding
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from diffusion_pref_trainers.toy.world import (
     ATTRIBUTE_VALUES,
@@ -227,17 +228,26 @@ class Sample:
 
 
 def sample_and_score(
-    sampler: Sampler, prompts: Sequence[str], task: Task | str, samples_per_prompt: int = 2, seed: int = 0
+    sampler: Sampler,
+    prompts: Sequence[str],
+    task: Task | str,
+    samples_per_prompt: int = 2,
+    seed: int = 0,
+    desc: str = "sampling pairs",
 ) -> list[list[Sample]]:
     """``samples_per_prompt`` samples per prompt, seeds ``seed + i * samples_per_prompt + k``, each with its reward.
 
-    A sampler with a ``sample_many(jobs)`` method (such as a pipeline sampler) gets all (prompt, seed) jobs at once.
+    A sampler with a ``sample_many(jobs, desc)`` method (such as a pipeline sampler) gets all (prompt, seed) jobs
+    at once; either way a progress bar named ``desc`` counts the images.
     """
     task = get_task(task) if isinstance(task, str) else task
     jobs = [(prompt, seed + i * samples_per_prompt + k) for i, prompt in enumerate(prompts)
             for k in range(samples_per_prompt)]  # fmt: skip
     many = getattr(sampler, "sample_many", None)
-    images = many(jobs) if many is not None else [sampler(prompt, s) for prompt, s in jobs]
+    if many is not None:
+        images = many(jobs, desc=desc)
+    else:
+        images = [sampler(prompt, s) for prompt, s in tqdm(jobs, desc=desc, unit="image")]
     samples = [Sample(prompt, s, image, task.score(image)) for (prompt, s), image in zip(jobs, images, strict=True)]
     return [samples[i : i + samples_per_prompt] for i in range(0, len(samples), samples_per_prompt)]
 
@@ -324,9 +334,11 @@ def build_preference_dataset(
     seed: int = 0,
     min_margin: float = 0.1,
     model_name: str | None = None,
+    desc: str = "sampling pairs",
 ) -> datasets.Dataset:
-    """Sample, score and pair: a Pick-a-Pic v2 dataset labelled by ``task`` (see :func:`pair_samples`)."""
-    groups = sample_and_score(sampler, prompts, task, samples_per_prompt, seed)
+    """Sample, score and pair: a Pick-a-Pic v2 dataset labelled by ``task`` (see :func:`pair_samples`); ``desc``
+    names the sampling's progress bar."""
+    groups = sample_and_score(sampler, prompts, task, samples_per_prompt, seed, desc)
     return pair_samples(groups, min_margin, model_name or getattr(sampler, "name", "base"))
 
 
@@ -338,6 +350,9 @@ def build_unpaired_dataset(
     seed: int = 0,
     threshold: float | None = None,
     min_margin: float = 0.1,
+    desc: str = "sampling images",
 ) -> datasets.Dataset:
-    """Sample, score and label single images: an unpaired (KTO) dataset (see :func:`label_samples`)."""
-    return label_samples(sample_and_score(sampler, prompts, task, samples_per_prompt, seed), threshold, min_margin)
+    """Sample, score and label single images: an unpaired (KTO) dataset (see :func:`label_samples`); ``desc``
+    names the sampling's progress bar."""
+    groups = sample_and_score(sampler, prompts, task, samples_per_prompt, seed, desc)
+    return label_samples(groups, threshold, min_margin)

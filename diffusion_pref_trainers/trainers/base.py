@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,6 +50,7 @@ from diffusion_pref_trainers.data import (
     row_seed,
     validate_labels,
 )
+from diffusion_pref_trainers.dtypes import cast_model
 from diffusion_pref_trainers.families import get_family
 from diffusion_pref_trainers.loader import Loaders
 from diffusion_pref_trainers.optim import build_optimizer, build_scheduler
@@ -241,7 +243,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         """Freeze the encoders, add adapters (or unfreeze for full fine-tuning) and move to the device."""
         device = self.accelerator.device
         for module in self.family.frozen_modules():
-            module.requires_grad_(False).to(device, dtype=self.weight_dtype).eval()
+            cast_model(module.requires_grad_(False), self.weight_dtype, device).eval()
         if self.args.use_lora and peft_config is None:
             targets = self.args.lora_target_modules or list(self.family.default_lora_targets)
             peft_config = adapters.lora_config_from_args(
@@ -447,7 +449,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             self._init_trackers()
-        progress = tqdm(total=total, initial=self.state.global_step, disable=not self.accelerator.is_local_main_process)
+        main = self.accelerator.is_local_main_process
+        progress = tqdm(total=total, initial=self.state.global_step, desc="training", unit="step", disable=not main)
         self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
         try:
             for callback in self.callbacks:
@@ -677,7 +680,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         counts: dict[str, torch.Tensor] = {}  # rows per metric, NaNs (unmeasurable in a batch) left out
         batches = self._loaders.batches(dataset, self.args.per_device_eval_batch_size, 0, shuffle=False)
         skipped = 0
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(self._eval_progress(batches)):
             skipped += int(batch["bad_rows"])
             draws = []
             for draw in range(self.args.eval_noise_draws):
@@ -696,6 +699,14 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         summed = self.accelerator.reduce(torch.stack([totals[k] for k in keys] + [counts[k] for k in keys]), "sum")
         means = (summed[: len(keys)] / summed[len(keys) :]).tolist()
         return {f"eval_{key}": value for key, value in zip(keys, means, strict=True)}
+
+    def _eval_progress(self, batches: Iterator[dict[str, Any]]) -> tqdm:
+        """A progress bar over the eval batches, named for when it measures; gone when done, so that during
+        training only the training bar stays."""
+        step = self.state.global_step
+        desc = "evaluating before training" if step == 0 else f"evaluating at step {step}"
+        main = self.accelerator.is_local_main_process
+        return tqdm(batches, desc=desc, unit="batch", leave=False, disable=not main)
 
 
 # `report_to` names accelerate accepts, and the package each one imports.

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from diffusion_pref_trainers.configs import DiffusionSFTConfig
-from diffusion_pref_trainers.data import PAIRED_SCHEMAS, unpaired_label, winners_only
+from diffusion_pref_trainers.data import PAIRED_SCHEMAS, keep_rows, unpaired_label, winners_only
 from diffusion_pref_trainers.losses import sft_loss
 from diffusion_pref_trainers.trainers.base import DiffusionPreferenceTrainer
 
@@ -24,7 +24,7 @@ class DiffusionSFTTrainer(DiffusionPreferenceTrainer):
         if schema in PAIRED_SCHEMAS:
             return winners_only(dataset, schema)
         if schema == "unpaired":
-            return dataset.filter(unpaired_label, input_columns="label")  # "false" or 0 is not desirable
+            return keep_rows(dataset, "label", unpaired_label)  # "false" or 0 is not desirable
         return dataset
 
     def compute_loss(
