@@ -12,9 +12,12 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffusion_pref_trainers import adapters, checkpoints, hub, tracking
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 STAGING = "tmp-model"  # the folder, inside the output folder, a save is written into before it is moved into place
@@ -165,7 +168,7 @@ class PublishingMixin:
             for module, mode in zip(modules, modes, strict=True):
                 module.train(mode)
 
-    def _log_validation_image(self, grid: Any) -> None:
+    def _log_validation_image(self, grid: Image.Image) -> None:
         """The grid to every active tracker that takes images, as `validation` at the current step."""
         skipped = tracking.log_image(self.accelerator.trackers, "validation", grid, self.state.global_step)
         if skipped:
