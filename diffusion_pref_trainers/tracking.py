@@ -44,17 +44,17 @@ def tracker_init_kwargs(run_name: str) -> dict[str, dict[str, Any]]:
 
 def log_image(trackers: list[Any], key: str, image: Image.Image, step: int) -> list[str]:
     """Log one image under `key` at `step` to each of accelerate's `trackers` that can take images (tensorboard,
-    wandb, trackio); returns the names of those that cannot."""
-    skipped = []
+    wandb, trackio), as diffusers' training scripts do; returns the names of those that cannot."""
+    pixels, skipped = np.asarray(image.convert("RGB")), []
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({key: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+            tracker.log_images({key: pixels[None]}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
             tracker.log_images({key: [image]}, step=step)
         elif tracker.name == "trackio":
             import trackio
 
-            tracker.log({key: trackio.Image(image)}, step=step)
+            tracker.log({key: trackio.Image(pixels)}, step=step)
         else:
             skipped.append(tracker.name)
     return skipped

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from PIL import Image
 
 from diffusion_pref_trainers import DiffusionDPOTrainer, hub
 from diffusion_pref_trainers.testing import tiny_sd_pipeline
-from diffusion_pref_trainers.tracking import namespaced, resolved_run_name, tracker_init_kwargs
+from diffusion_pref_trainers.tracking import log_image, namespaced, resolved_run_name, tracker_init_kwargs
 
 
 def test_namespaces_follow_transformers_rewrite_logs() -> None:
@@ -99,3 +101,33 @@ def test_validation_images_reach_tensorboard_at_the_validation_steps_and_the_end
 def test_validation_steps_need_prompts_and_a_tracker(make_config, overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         make_config(**{"validation_steps": 2, **overrides})
+
+
+class _Tracker:
+    """An accelerate tracker's image and scalar entry points, recording their calls."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls = name, []
+
+    def log_images(self, values: dict, step: int, **kwargs) -> None:
+        self.calls.append(("log_images", values, step, kwargs))
+
+    def log(self, values: dict, step: int) -> None:
+        self.calls.append(("log", values, step, {}))
+
+
+def test_each_tracker_gets_the_image_its_own_way_and_the_others_are_named(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "trackio", SimpleNamespace(Image=lambda pixels: ("trackio.Image", pixels.shape)))
+    image = Image.new("RGB", (6, 4), "red")
+    trackers = [_Tracker(name) for name in ("tensorboard", "wandb", "trackio", "mlflow")]
+    assert log_image(trackers, "validation", image, 3) == ["mlflow"]
+    board, wandb, trackio, mlflow = (tracker.calls for tracker in trackers)
+    ((method, values, step, kwargs),) = board
+    assert (method, values["validation"].shape, step, kwargs) == (
+        "log_images",
+        (1, 4, 6, 3),
+        3,
+        {"dataformats": "NHWC"},
+    )
+    assert wandb == [("log_images", {"validation": [image]}, 3, {})]
+    assert trackio == [("log", {"validation": ("trackio.Image", (4, 6, 3))}, 3, {})] and mlflow == []
