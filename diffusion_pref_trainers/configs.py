@@ -237,7 +237,8 @@ class DiffusionTrainingConfig:
     )
     validation_prompts: list[str] = _help(
         "Prompts rendered at the end of `train()` with the base and the aligned weights (same seeds), saved as a "
-        "grid in `output_dir/samples/` and shown in the model card; empty: no samples.",
+        "grid in `output_dir/samples/`, shown in the model card and logged to the trackers (also every "
+        "`validation_steps`); empty: no samples.",
         [],
     )
     num_validation_images: int = _help("Images (seeds) per validation prompt.", 2)
@@ -246,6 +247,12 @@ class DiffusionTrainingConfig:
     )
     validation_inference_steps: int | None = _help(
         "Sampling steps of the validation images; None: the pipeline's default.", None
+    )
+    validation_steps: int | None = _help(
+        "Also render `validation_prompts` every this many optimizer steps (fixed seeds, base next to current weights) "
+        "and log the grid to the `report_to` trackers, as diffusers' training scripts do; 0 or None: only at the "
+        "end of `train()`. Needs `validation_prompts` and a tracker.",
+        None,
     )
     seed: int = _help("Seed for initialisation, data order, noise and timesteps; >= 0.", 42)
     report_to: list[str] = _help("Trackers passed to accelerate ('tensorboard', 'wandb', ...); empty: none.", [])
@@ -415,6 +422,7 @@ class DiffusionTrainingConfig:
             self.validation_inference_steps is None or self.validation_inference_steps >= 1,
             "`validation_inference_steps` must be None (the pipeline's default) or >= 1.",
         )
+        self._check_validation_steps()
         _check(bool(self.dataset_train_split), "`dataset_train_split` must name a split, e.g. 'train'.")
         _check(
             self.dataset_test_split is None or bool(self.dataset_test_split),
@@ -526,6 +534,22 @@ class DiffusionTrainingConfig:
                 importlib.util.find_spec("bitsandbytes") is not None,
                 "`optim='adamw_8bit'` needs bitsandbytes: `pip install bitsandbytes`, or use optim='adamw_torch'.",
             )
+
+    def _check_validation_steps(self) -> None:
+        """`validation_steps` renders images for the trackers: it needs prompts to render and a tracker to log to."""
+        if not self.validation_steps:
+            return
+        _check(self.validation_steps >= 0, f"`validation_steps` must be >= 0 or None, got {self.validation_steps}.")
+        _check(
+            bool(self.validation_prompts),
+            "`validation_steps` renders `validation_prompts`, but none are set: give validation_prompts=[...], or "
+            "set validation_steps=None.",
+        )
+        _check(
+            bool(self.report_to),
+            "`validation_steps` logs images to the trackers, but `report_to` names none: set e.g. "
+            "report_to=['tensorboard'], or set validation_steps=None (the end-of-training samples are saved anyway).",
+        )
 
     def _check_types(self) -> None:
         """Every field against its annotation (see `checked_value`), then `output_dir`, which must name a folder.

@@ -630,6 +630,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             )
         if self.eval_dataset is not None and args.eval_steps and step % args.eval_steps == 0:
             self._log(self.evaluate())
+        if args.validation_steps and step % args.validation_steps == 0 and step < self.state.max_steps:
+            self._log_validation()  # the last step's images are the end's (`_save_samples`)
         if args.save_steps and step % args.save_steps == 0:
             self._save_checkpoint()
             if args.push_to_hub and args.hub_strategy == "every_save" and self.accelerator.is_main_process:
