@@ -84,13 +84,15 @@ class RecipeParser(TrlParser):
 
     def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
         """Recipe values become the parser's defaults (TRL), YAML booleans of text fields as 'yes'/'no'."""
-        kinds = {
-            name: split_optional(hint)[0] for dtype in self.dataclass_types for name, hint in field_types(dtype).items()
-        }
-        words = {
-            k: ("yes" if v else "no") if isinstance(v, bool) and kinds.get(k) is str else v for k, v in kwargs.items()
-        }
-        return super().set_defaults_with_config(**words)
+        hints = {name: hint for dtype in self.dataclass_types for name, hint in field_types(dtype).items()}
+        return super().set_defaults_with_config(**{k: _as_text_field(v, hints.get(k)) for k, v in kwargs.items()})
+
+
+def _as_text_field(value: Any, hint: Any) -> Any:
+    """A recipe value for a field of annotation `hint`: a YAML boolean is 'yes'/'no' where the field takes text."""
+    if isinstance(value, bool) and split_optional(hint)[0] is str:
+        return "yes" if value else "no"
+    return value
 
 
 def make_parser(method: str) -> RecipeParser:
