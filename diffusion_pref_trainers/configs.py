@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import numbers
 import os
@@ -101,13 +102,34 @@ def _type_name(hint: Any) -> str:
     return names.get(hint, str(hint))
 
 
+def _dict_or_json(hint: Any) -> Any:
+    """The `dict[...]` of TRL's `dict[...] | str` annotation (a mapping, or a JSON object as text from the command
+    line); None for any other annotation."""
+    args = typing.get_args(hint)
+    mapping = [arg for arg in args if typing.get_origin(arg) is dict]
+    return mapping[0] if mapping and str in args else None
+
+
+def _json_object(name: str, text: str) -> Any:
+    """The JSON text given for a `dict | str` field, decoded; a `ValueError` naming the field when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f'`{name}` takes a mapping, or a JSON object as text (e.g. \'{{"text": "prompt"}}\'); got {text!r}, '
+            f"which is not JSON ({error.msg})."
+        ) from None
+
+
 def checked_value(name: str, value: Any, hint: Any) -> Any:
     """`value` of field `name` if it has the annotated type (any integer, numpy's too, is an int; any real number a
-    float for float fields; a string a one-item list; a path a string); otherwise a `TypeError` naming the field,
-    the value and the type."""
+    float for float fields; a string a one-item list; a path a string; for TRL's `dict | str`, JSON text the mapping
+    it encodes); otherwise a `TypeError` naming the field, the value and the type."""
     kind, optional = split_optional(hint)
     if value is None and optional:
         return value
+    if _dict_or_json(kind) is not None:
+        kind, value = _dict_or_json(kind), _json_object(name, value) if isinstance(value, str) else value
     origin = typing.get_origin(kind)
     if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
@@ -298,9 +320,10 @@ class DiffusionTrainingConfig:
         "0: stream order.",
         1000,
     )
-    column_mapping: dict[str, str] | None = _help(
+    column_mapping: dict[str, str] | str | None = _help(
         "Rename the dataset's columns to a schema's names before detection, e.g. {'text': 'prompt', "
-        "'good': 'chosen', 'bad': 'rejected'} (see docs/data.md).",
+        "'good': 'chosen', 'bad': 'rejected'} (see docs/data.md); on the command line a JSON object, e.g. "
+        '\'{"text": "prompt"}\'.',
         None,
     )
     proportion_empty_prompts: float = _help(
@@ -554,9 +577,9 @@ class DiffusionTrainingConfig:
     def _check_types(self) -> None:
         """Every field against its annotation (see `checked_value`), then `output_dir`, which must name a folder.
 
-        `report_to='none'` (TRL's spelling) means no tracker.
+        `report_to='none'` (TRL's spelling; `['none']` from the command line) means no tracker.
         """
-        if self.report_to in ("none", ""):
+        if self.report_to in ("none", "", ["none"]):
             self.report_to = []
         for name, hint in field_types(type(self)).items():
             setattr(self, name, checked_value(name, getattr(self, name), hint))

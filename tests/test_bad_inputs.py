@@ -8,6 +8,7 @@ docs/troubleshooting.md for what each failure means to a user.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -399,11 +400,11 @@ GUARD_CASES: list[Case] = [
 
 # ------------------------------------------------------------------------------------------------ command line
 def _cli(env: Env, *tokens: str, recipe: str | None = None) -> Any:
-    """What the command line `tokens` (after `--config recipe`) builds, writing to `env.out`."""
-    from diffusion_pref_trainers.cli import parse_overrides, read_recipe, split_settings
+    """What the command line `[--config recipe] --output_dir env.out tokens` builds."""
+    from diffusion_pref_trainers.cli import parse_command_line
 
-    settings = {"output_dir": str(env.out), **read_recipe(recipe), **parse_overrides(list(tokens))}
-    return split_settings(settings)
+    config = ["--config", recipe] if recipe else []
+    return parse_command_line([*config, "--output_dir", str(env.out), *tokens])
 
 
 def _recipe(env: Env, text: str) -> str:
@@ -415,10 +416,49 @@ def _recipe(env: Env, text: str) -> str:
 
 CLI_CASES: list[Case] = [
     Case("misspelt setting", lambda env: _cli(env, "--lora_alha", "4"), ValueError, "did you mean lora_alpha"),
-    Case("fractional --max_steps", lambda env: _cli(env, "--max_steps", "2.5"), ValueError, "takes a whole number"),
-    Case("--use_lora maybe", lambda env: _cli(env, "--use_lora", "maybe"), ValueError, "takes a boolean"),
-    Case("--learning_rate as a word", lambda env: _cli(env, "--learning_rate", "fast"), ValueError, "takes a number"),
-    Case("--max_steps without a value", lambda env: _cli(env, "--max_steps"), ValueError, "needs a value"),
+    Case("abbreviated setting", lambda env: _cli(env, "--lora_alp", "4"), ValueError, "did you mean lora_alpha"),
+    Case(
+        "setting of another method",
+        lambda env: _cli(env, "--method", "dpo", "--similarity", "text"),
+        ValueError,
+        "Unknown settings for method 'dpo': `similarity`",
+    ),
+    Case(
+        "value without its option",
+        lambda env: _cli(env, "learning_rate", "1"),
+        ValueError,
+        "values without an option ['learning_rate', '1']",
+    ),
+    Case(
+        "fractional --max_steps",
+        lambda env: _cli(env, "--max_steps", "2.5"),
+        argparse.ArgumentError,
+        "argument --max_steps/--max-steps: invalid int value: '2.5'",
+    ),
+    Case(
+        "--use_lora maybe",
+        lambda env: _cli(env, "--use_lora", "maybe"),
+        argparse.ArgumentError,
+        "argument --use_lora/--use-lora: Truthy value expected",
+    ),
+    Case(
+        "--learning_rate as a word",
+        lambda env: _cli(env, "--learning_rate", "fast"),
+        argparse.ArgumentError,
+        "argument --learning_rate/--learning-rate: invalid float value",
+    ),
+    Case(
+        "--max_steps without a value",
+        lambda env: _cli(env, "--max_steps"),
+        argparse.ArgumentError,
+        "argument --max_steps/--max-steps: expected one argument",
+    ),
+    Case(
+        "--column_mapping not JSON",
+        lambda env: _cli(env, "--column_mapping", "{text: prompt}"),
+        ValueError,
+        "`column_mapping` takes a mapping, or a JSON object as text",
+    ),
     Case("unknown --method", lambda env: _cli(env, "--method", "xyz"), ValueError, "Unknown method 'xyz'"),
     Case(
         "--mixed_precision yes",
@@ -431,6 +471,12 @@ CLI_CASES: list[Case] = [
         lambda env: _cli(env, recipe=_recipe(env, "- method\n- dpo\n")),
         ValueError,
         "must hold a mapping",
+    ),
+    Case(
+        "recipe with an unknown key",
+        lambda env: _cli(env, recipe=_recipe(env, "lora_alha: 4\n")),
+        ValueError,
+        "`lora_alha` (did you mean lora_alpha",
     ),
     Case(
         "recipe that does not exist",
