@@ -667,6 +667,11 @@ class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
             "`eval_on_start=True` evaluates during `train()`, but `eval_strategy='no'` never does: set one of them.",
         )
         _check(
+            self.warmup_steps == 0 or self.lr_scheduler_type != "constant",
+            "lr_scheduler_type='constant' has no warm-up, so `warmup_steps` would be ignored: use "
+            "lr_scheduler_type='constant_with_warmup', or `warmup_steps=0`.",
+        )
+        _check(
             self.data_seed is None or self.data_seed >= 0, f"`data_seed` must be >= 0 or None, got {self.data_seed}."
         )
 

@@ -12,7 +12,8 @@ import dataclasses
 import difflib
 
 _ACCELERATE = (
-    "launch with an accelerate config instead (`accelerate launch --config_file ...`, see docs/performance.md)"
+    "launch with an accelerate config instead (`accelerate launch --config_file examples/accelerate_configs/"
+    "multi_gpu.yaml ...`; see the README)"
 )
 _NO_PREDICT = "this trainer's `evaluate()` returns loss and reward metrics only, with no predictions to collect"
 
@@ -100,6 +101,12 @@ REFUSED: dict[str, str] = {
     "local_rank": f"{_ACCELERATE}; accelerate sets each process's rank",
 }
 
+# Names earlier transformers releases had (a TRL user's older scripts still pass them): what to write now.
+FORMER: dict[str, str] = {
+    "warmup_ratio": "transformers 5 dropped it: pass the ratio as `warmup_steps` (a value below 1, e.g. 0.1)",
+    "evaluation_strategy": "transformers renamed it: pass `eval_strategy`",
+}
+
 # Fields of the same name whose meaning here differs in a detail a TRL user should know.
 NOTES: dict[str, str] = {
     "optim": "a subset of TrainingArguments' names; default 'adamw_torch' (theirs: 'adamw_torch_fused')",
@@ -132,6 +139,8 @@ def refusal(name: str, known: list[str], owner: str) -> TypeError:
     """The error for keyword `name` that `owner`'s fields (`known`) lack: refused by the table, or unknown."""
     if name in RENAMED and RENAMED[name] in known:
         return TypeError(f"`{name}` is TrainingArguments' name of `{RENAMED[name]}` here: pass `{RENAMED[name]}`.")
+    if name in FORMER:
+        return TypeError(f"`{name}` is a former TrainingArguments name: {FORMER[name]}.")
     if name in RENAMED or name in REFUSED:
         reason = REFUSED.get(name, f"it is `{RENAMED.get(name)}` here, which {owner} does not have")
         return TypeError(f"`{name}` is a TrainingArguments setting {owner} does not use: {reason}.")
@@ -153,7 +162,10 @@ def trl_users_page(training_arguments: type, config_class: type) -> str:
     """docs/trl_users.md: every field of `training_arguments` in order, and what it is in `config_class`."""
     ours = {item.name for item in dataclasses.fields(config_class)}
     rows = [_row(item.name, ours) for item in dataclasses.fields(training_arguments)]
-    return "\n".join([*_PAGE_HEAD, "| TrainingArguments field | here | note |", "|---|---|---|", *rows]) + "\n"
+    former = ["", "Former names, refused with what to write now:", ""]
+    former += [f"- `{name}`: {reason}." for name, reason in FORMER.items()]
+    table = ["| TrainingArguments field | here | note |", "|---|---|---|", *rows]
+    return "\n".join([*_PAGE_HEAD, *table, *former]) + "\n"
 
 
 _PAGE_HEAD = [
