@@ -595,8 +595,9 @@ class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
         _check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         _check(
             not (self.push_to_hub and self.hub_strategy == "every_save" and not self._saves_checkpoints()),
-            "`hub_strategy='every_save'` pushes at every checkpoint, but `save_strategy`/`save_steps` write none: "
-            "set `save_steps` with save_strategy='steps' (or save_strategy='epoch'), or use hub_strategy='end'.",
+            f"`hub_strategy='every_save'` pushes at every checkpoint, but `save_strategy={self.save_strategy!r}` with "
+            f"`save_steps={self.save_steps}` writes none: set `save_steps` with save_strategy='steps' (or "
+            "save_strategy='epoch'), or use hub_strategy='end'.",
         )
         _check(
             self.use_lora or not self.train_text_encoder,
