@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion_pref_trainers import adapters, cache, hub, offload, speed, tracking
-from diffusion_pref_trainers.configs import DiffusionTrainingConfig
+from diffusion_pref_trainers.configs import BNB_OPTIMIZERS, DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     DECODE_ERRORS,
     PAIRED_SCHEMAS,
@@ -159,11 +159,12 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                 "`mixed_precision='bf16'` on a CPU: bf16 autocast is many times slower than fp32 on most CPUs. "
                 "Use `mixed_precision='no'` on a CPU; keep bf16 for a GPU."
             )
-        if self.args.optim == "adamw_8bit":
+        if self.args.optim in BNB_OPTIMIZERS:
             logger.warning(
-                "`optim='adamw_8bit'` on a CPU: bitsandbytes runs its slow CPU path and saves no accelerator memory. "
-                "Use `optim='adamw_torch'` on a CPU; keep adamw_8bit for a GPU."
-            )
+                "`optim=%r` on a CPU: bitsandbytes runs its slow CPU path and saves no accelerator memory. "
+                "Use `optim='adamw_torch'` on a CPU; keep %s for a GPU.",
+                self.args.optim, self.args.optim,
+            )  # fmt: skip
 
     def _check_resolution(self) -> None:
         """Resolutions the VAE (and patching) cannot divide are rejected before anything runs."""
