@@ -141,7 +141,7 @@ def _type_name(hint: Any) -> str:
     if origin is list:
         return "a list of strings (or one string)"
     if origin is dict:
-        return "a mapping of strings to strings"
+        return "a mapping of strings to strings" if typing.get_args(hint)[1] is str else "a mapping (dict)"
     return names.get(hint, str(hint))
 
 
