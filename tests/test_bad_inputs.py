@@ -101,6 +101,24 @@ CONFIG_CASES = [
         TypeError,
         "`lora_target_modules` must be a list of strings",
     ),
+    Case("fsdp, a TrainingArguments setting not used", lambda env: env.config(fsdp="full_shard"), TypeError, "launch"),
+    Case("a misspelled field", lambda env: env.config(learnin_rate=1e-4), TypeError, "did you mean `learning_rate`"),
+    Case("bf16 against fp16", lambda env: env.config(bf16=True, mixed_precision="fp16"), ValueError, "contradicts"),
+    Case("an optimizer not offered", lambda env: env.config(optim="galore_adamw"), ValueError, "adamw_torch_fused"),
+    Case("fractional warm-up steps above 1", lambda env: env.config(warmup_steps=2.5), ValueError, "ratio"),
+    Case("optim_args not k=v", lambda env: env.config(optim_args="momentum"), ValueError, "'key=value"),
+    Case(
+        "eval_steps without eval_strategy='steps'",
+        lambda env: env.config(eval_strategy="no", eval_steps=5),
+        ValueError,
+        "set eval_strategy='steps'",
+    ),
+    Case(
+        "eval_on_start without an eval set",
+        lambda env: env.trainer(args=env.config(eval_on_start=True)),
+        ValueError,
+        "no eval set",
+    ),
 ]
 
 

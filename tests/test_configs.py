@@ -26,7 +26,7 @@ from diffusion_pref_trainers import (
         (dict(per_device_train_batch_size=0), r"`per_device_train_batch_size` must be >= 1, got 0"),
         (dict(per_device_eval_batch_size=0), r"`per_device_eval_batch_size` must be >= 1"),
         (dict(gradient_accumulation_steps=0), r"`gradient_accumulation_steps` must be >= 1"),
-        (dict(optim="sgd"), r"`optim='sgd'` is not supported; choose one of adamw_torch, adamw_8bit, adafactor"),
+        (dict(optim="galore_adamw"), r"`optim='galore_adamw'` is not supported; choose one of adamw_torch, adamw_"),
         (dict(mixed_precision="fp8"), r"`mixed_precision='fp8'` is not supported; choose one of no, fp16, bf16"),
         (dict(lr_scheduler_type="onecycle"), r"`lr_scheduler_type='onecycle'` is not supported; choose one of"),
         (dict(learning_rate=0.0), r"`learning_rate` must be > 0"),

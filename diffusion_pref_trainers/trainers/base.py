@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion_pref_trainers import adapters, cache, hub, offload, speed, tracking
-from diffusion_pref_trainers.configs import DiffusionTrainingConfig
+from diffusion_pref_trainers.configs import BNB_OPTIMIZERS, DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     DECODE_ERRORS,
     PAIRED_SCHEMAS,
@@ -53,7 +53,7 @@ from diffusion_pref_trainers.data import (
 from diffusion_pref_trainers.dtypes import cast_model
 from diffusion_pref_trainers.families import get_family
 from diffusion_pref_trainers.loader import Loaders
-from diffusion_pref_trainers.optim import build_optimizer, build_scheduler
+from diffusion_pref_trainers.optim import build_optimizer, build_scheduler, check_scheduler_kwargs
 from diffusion_pref_trainers.sources import load_pipeline, load_preference_dataset
 from diffusion_pref_trainers.state import TrainerCallback, TrainerState
 from diffusion_pref_trainers.trainers.checkpointing import CheckpointingMixin
@@ -119,6 +119,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self.train_dataset = self._wrap_dataset(train_dataset, train=True) if train_dataset is not None else None
         self.eval_dataset = self._wrap_dataset(eval_dataset, train=False) if eval_dataset is not None else None
         self._validate()
+        self._check_eval_schedule()
+        check_scheduler_kwargs(self.args)
 
         self._setup_model(peft_config)
         self._identify_run()
@@ -131,6 +133,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
         self._step_metrics: dict[str, list[torch.Tensor]] = {}  # the micro-batches of the optimizer step under way
         self._hub_repo_id: str | None = None
+        self._evaluated_at: int | None = None  # the step of the latest evaluation in `train()`
         self._push_executor: ThreadPoolExecutor | None = None
         self._push_future: Future | None = None
 
@@ -156,11 +159,12 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                 "`mixed_precision='bf16'` on a CPU: bf16 autocast is many times slower than fp32 on most CPUs. "
                 "Use `mixed_precision='no'` on a CPU; keep bf16 for a GPU."
             )
-        if self.args.optim == "adamw_8bit":
+        if self.args.optim in BNB_OPTIMIZERS:
             logger.warning(
-                "`optim='adamw_8bit'` on a CPU: bitsandbytes runs its slow CPU path and saves no accelerator memory. "
-                "Use `optim='adamw_torch'` on a CPU; keep adamw_8bit for a GPU."
-            )
+                "`optim=%r` on a CPU: bitsandbytes runs its slow CPU path and saves no accelerator memory. "
+                "Use `optim='adamw_torch'` on a CPU; keep %s for a GPU.",
+                self.args.optim, self.args.optim,
+            )  # fmt: skip
 
     def _check_resolution(self) -> None:
         """Resolutions the VAE (and patching) cannot divide are rejected before anything runs."""
@@ -173,6 +177,18 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
 
     def _validate(self) -> None:
         """Objective-specific checks on the config and data; subclasses extend this."""
+
+    def _check_eval_schedule(self) -> None:
+        """Evaluation asked of `train()` needs an eval set: otherwise it would silently never run."""
+        args = self.args
+        asked = [name for name, on in (("eval_on_start", args.eval_on_start), ("eval_steps", args.eval_steps)) if on]
+        if args.eval_strategy == "epoch":
+            asked.append("eval_strategy='epoch'")
+        if asked and self.eval_dataset is None:
+            raise ValueError(
+                f"{', '.join(f'`{name}`' for name in asked)} asks for evaluation, but there is no eval set: pass "
+                "eval_dataset= (or set `dataset_test_split`), or leave evaluation off."
+            )
 
     def _eval_source(self, train_dataset: Any, eval_dataset: Any) -> Any:
         """The evaluation source: the one given, else (as TRL) the training source read at `dataset_test_split`."""
@@ -218,7 +234,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             _warn_on_size_mismatch(first[1], args.resolution)
         if isinstance(dataset, datasets.IterableDataset):
             if train and args.shuffle_buffer_size:
-                dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+                seed = args.seed if args.data_seed is None else args.data_seed
+                dataset = dataset.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size)
             dataset = split_dataset_by_node(
                 dataset, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes
             )
@@ -455,12 +472,14 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         try:
             for callback in self.callbacks:
                 callback.on_train_begin(self)  # after the offload: a callback measuring memory sees the training's
+            if args.eval_on_start:
+                self._evaluate_in_training()
             self._run_epochs(total, per_epoch, progress)
             if self.accelerator.is_main_process:  # the count is summed over processes
                 self._warn_skipped_rows("training", self.state.skipped_rows)
-            final_eval = not (args.eval_steps and self.state.global_step % args.eval_steps == 0)
+            final_eval = args.eval_strategy != "no" and self._evaluated_at != self.state.global_step
             if self.eval_dataset is not None and final_eval:  # reads the cache too, like the steps
-                self._log(self.evaluate())
+                self._evaluate_in_training()
         finally:  # also when a step raises: the pipeline gets its encoders back, and no loader worker outlives the run
             progress.close()
             self.encoder_offload.restore()
@@ -485,7 +504,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         pending: dict[str, list[torch.Tensor]] = {}
         self.denoiser.train()
         while self.state.global_step < total:
-            batches = 0
+            batches, exhausted = 0, True
             for batch in self._loaders.batches(
                 self.train_dataset, args.per_device_train_batch_size, epoch, shuffle=True, skip=skip
             ):
@@ -499,12 +518,15 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                 progress.update(1)
                 self._after_optimizer_step(pending, progress)
                 if self.state.global_step >= total:
+                    exhausted = per_epoch is not None and micro % per_epoch == 0
                     break
             if batches == 0:  # a stream with fewer rows than one batch would otherwise loop forever
                 raise ValueError(
                     f"An epoch of the training data gave no full batch of {args.per_device_train_batch_size} rows "
                     "(too few rows, or none readable): check the dataset and its split."
                 )
+            if exhausted:
+                self._after_epoch()
             epoch, skip = epoch + 1, 0
 
     def _train_micro_step(self, batch: dict[str, Any], micro: int, pending: dict[str, list[torch.Tensor]]) -> None:
@@ -612,7 +634,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
     def _after_optimizer_step(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
         """Logging, evaluation and checkpoints on their schedules."""
         args, step = self.args, self.state.global_step
-        if step % args.logging_steps == 0 or step == self.state.max_steps:
+        if step % args.logging_steps == 0 or step == self.state.max_steps or (step == 1 and args.logging_first_step):
             logs = self._reduce(pending) if pending else {}  # empty when every step of the window was skipped
             counts = torch.tensor(
                 [float(self._counts_pending[key]) for key in DATA_COUNTS], device=self.accelerator.device
@@ -628,16 +650,32 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             progress.set_postfix(
                 loss=f"{logs.get('loss', float('nan')):.4g}", acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}"
             )
-        if self.eval_dataset is not None and args.eval_steps and step % args.eval_steps == 0:
-            self._log(self.evaluate())
+        if args.eval_strategy == "steps" and args.eval_steps and step % args.eval_steps == 0:
+            self._evaluate_in_training()
         if args.validation_steps and step % args.validation_steps == 0 and step < self.state.max_steps:
             self._log_validation()  # the last step's images are the end's (`_save_samples`)
-        if args.save_steps and step % args.save_steps == 0:
-            self._save_checkpoint()
-            if args.push_to_hub and args.hub_strategy == "every_save" and self.accelerator.is_main_process:
-                self._push_in_background(f"Training in progress, step {step}")
+        if args.save_strategy == "steps" and args.save_steps and step % args.save_steps == 0:
+            self._save_and_push()
         for callback in self.callbacks:
             callback.on_step_end(self)
+
+    def _after_epoch(self) -> None:
+        """Evaluation and checkpoint of the 'epoch' strategies, once an epoch's last batch has been trained on."""
+        if self.args.eval_strategy == "epoch" and self._evaluated_at != self.state.global_step:
+            self._evaluate_in_training()
+        if self.args.save_strategy == "epoch":
+            self._save_and_push()
+
+    def _evaluate_in_training(self) -> None:
+        """Evaluate and log at the current step, remembering the step (`train()` then skips a repeat at its end)."""
+        self._log(self.evaluate())
+        self._evaluated_at = self.state.global_step
+
+    def _save_and_push(self) -> None:
+        """A checkpoint, and its upload in the background with hub_strategy='every_save'."""
+        self._save_checkpoint()
+        if self.args.push_to_hub and self.args.hub_strategy == "every_save" and self.accelerator.is_main_process:
+            self._push_in_background(f"Training in progress, step {self.state.global_step}")
 
     def _reduce(self, pending: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         """Average each metric over the window and across processes: the one host sync per log.
