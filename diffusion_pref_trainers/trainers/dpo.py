@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from diffusion_pref_trainers.configs import DiffusionDPOConfig
-from diffusion_pref_trainers.losses import dpo_loss, reward_metrics, safeguarded_errors
+from diffusion_pref_trainers.losses import dpo_loss, reward_metrics, safeguarded_errors, with_sft_term
 from diffusion_pref_trainers.trainers.base import DiffusionPreferenceTrainer
 
 
@@ -52,6 +52,5 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
             model_w, model_l, ref_w, ref_l, beta=args.beta, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
         )  # fmt: skip
-        if args.sft_weight:
-            loss = loss + args.sft_weight * model_w.mean()
+        loss = with_sft_term(loss, model_w, args.sft_weight)
         return loss, {**reward_metrics(model_w, model_l, ref_w, ref_l, beta=args.beta), **self.safeguard_metrics()}
