@@ -775,7 +775,7 @@ class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
 class DiffusionDPOConfig(DiffusionTrainingConfig):
     """Diffusion-DPO (Wallace et al., 2023).
 
-    `beta` uses the `beta/2` convention of `docs/methods.md`: the loss is
+    `beta` uses the `beta/2` convention of `docs/dpo.md`: the loss is
     `-log sigmoid(beta/2 * (s_w - s_l))`. Its default 5000 is the paper's value for SD 1.x/2.x and
     SDXL (scripts without the 1/2 write 2500 for the same loss); flow-matching models (SD3, FLUX)
     want far smaller values, see the model-family docs. Two switches give related methods (see

@@ -1,4 +1,4 @@
-"""`dpo_loss` and `reward_metrics` against the formulas of methods.md, written out by hand with `math`."""
+"""`dpo_loss` and `reward_metrics` against the formulas of docs/dpo.md, written out by hand with `math`."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _log_sigmoid(x: float) -> float:
 
 
 def _expected(loss_type: str, beta: float, eps: float = 0.0) -> float:
-    """The mean over pairs of the per-pair loss of methods.md (Diffusion-DPO section)."""
+    """The mean over pairs of the per-pair loss of docs/dpo.md ("The loss")."""
     values = []
     for logit in _logits():
         z = beta / 2 * logit
