@@ -783,9 +783,21 @@ class DiffusionDPOConfig(DiffusionTrainingConfig):
     Diffusion-SDPO's winner-preserving scale to the losers' gradient.
     """
 
-    beta: float = _help("Inverse temperature of the preference loss, in the beta/2 convention (SD: 5000).", 5000.0)
-    loss_type: str = _help(f"Preference loss: one of {', '.join(DPO_LOSS_TYPES)}.", "sigmoid")
-    label_smoothing: float = _help("Label-noise rate eps of the 'robust' loss (conservative DPO), in [0, 0.5).", 0.0)
+    beta: float = _help(
+        "Inverse temperature of the preference loss, in the beta/2 convention (SD: 5000). With loss_type='ipo' it is "
+        "IPO's tau as TRL's beta is (no 1/2): the margin is pulled to 1/(2 beta).",
+        5000.0,
+    )
+    loss_type: str = _help(
+        f"Preference loss: one of {', '.join(DPO_LOSS_TYPES)}. 'robust' is TRL's robust DPO (divided by 1 - 2 eps); "
+        "before this version it was conservative DPO, which is now 'sigmoid' with `label_smoothing`.",
+        "sigmoid",
+    )
+    label_smoothing: float = _help(
+        "Label-flip rate eps in [0, 0.5): with 'sigmoid', conservative DPO (label smoothing); with 'robust', "
+        "TRL's robust DPO.",
+        0.0,
+    )
     sft_weight: float = _help("Weight of an added denoising loss on the preferred images (0: off).", 0.0)
     swap_preferences: bool = _help(
         "Train on the rejected image as the winner: gives the 'negative' adapter of Diffusion-NPO.", False
@@ -811,7 +823,7 @@ class DiffusionDPOConfig(DiffusionTrainingConfig):
         )
         _check(
             self.label_smoothing == 0.0 or self.loss_type in ("sigmoid", "robust"),
-            "`label_smoothing` only applies to loss_type='robust' (or 'sigmoid', where it means the same).",
+            "`label_smoothing` only applies to loss_type='robust' (robust DPO) or 'sigmoid' (conservative DPO).",
         )
         _check(self.sft_weight >= 0, "`sft_weight` must be >= 0.")
         _check(0.0 <= self.safeguard_mu <= 1.0, f"`safeguard_mu` must be in [0, 1], got {self.safeguard_mu}.")

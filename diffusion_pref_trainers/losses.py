@@ -30,14 +30,20 @@ def pair_reward_scale(beta: float) -> float:
 def preference_loss(
     logits: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Element-wise pairwise loss on reward differences `logits` (any shape), before averaging.
+    """Element-wise pairwise loss on reward differences `logits` (any shape), before averaging (docs/dpo.md).
 
-    `sigmoid`/`robust`: `-(1-eps) log s(beta/2 l) - eps log s(-beta/2 l)`; `hinge`: `relu(1 - beta/2 l)`;
-    `ipo`: `(l - 1/(2 beta))^2`, which pulls the margin to `1/(2 beta)` rather than to infinity.
+    `sigmoid` (conservative DPO when eps > 0): `-(1-eps) log s(beta/2 l) - eps log s(-beta/2 l)`;
+    `robust` (TRL's robust DPO): `(-(1-eps) log s(beta/2 l) + eps log s(-beta/2 l)) / (1 - 2 eps)`;
+    `hinge`: `relu(1 - beta/2 l)`; `ipo`: `(l - 1/(2 beta))^2` with `beta` as TRL's tau (no 1/2), which pulls the
+    margin to `1/(2 beta)` rather than to infinity.
     """
     if loss_type in ("sigmoid", "robust"):
         scaled = 0.5 * beta * logits
-        return -(1.0 - label_smoothing) * F.logsigmoid(scaled) - label_smoothing * F.logsigmoid(-scaled)
+        clean, flipped = -F.logsigmoid(scaled), -F.logsigmoid(-scaled)
+        if loss_type == "sigmoid":
+            return (1.0 - label_smoothing) * clean + label_smoothing * flipped
+        # Unbiased under labels flipped with probability eps: its expectation over the flip is the clean loss.
+        return ((1.0 - label_smoothing) * clean - label_smoothing * flipped) / (1.0 - 2.0 * label_smoothing)
     if loss_type == "hinge":
         return torch.relu(1.0 - 0.5 * beta * logits)
     if loss_type == "ipo":

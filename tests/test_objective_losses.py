@@ -240,7 +240,7 @@ def _hand_rpo_cells(model_w, model_l, ref_w, ref_l, sim, beta, tau, cell) -> flo
 CELLS = {
     "hinge": lambda x, beta: max(0.0, 1.0 - beta / 2 * x),
     "ipo": lambda x, beta: (x - 1.0 / (2 * beta)) ** 2,
-    "robust": lambda x, beta: -0.8 * math.log(_sigmoid(beta / 2 * x)) - 0.2 * math.log(_sigmoid(-beta / 2 * x)),
+    "robust": lambda x, beta: (-0.8 * math.log(_sigmoid(beta / 2 * x)) + 0.2 * math.log(_sigmoid(-beta / 2 * x))) / 0.6,
 }
 
 
