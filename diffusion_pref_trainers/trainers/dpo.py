@@ -25,6 +25,10 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
     method = "diffusion-dpo"
     _safeguard_scale: torch.Tensor | None = None
 
+    def family_defaults(self) -> dict[str, Any]:
+        """`beta` too: its useful size depends on the family's errors (docs/model_families.md)."""
+        return {**super().family_defaults(), "beta": self.family.default_beta}
+
     def swaps_preferences(self) -> bool:
         """Diffusion-NPO's negative adapter trains on swapped pairs."""
         return self.args.swap_preferences
