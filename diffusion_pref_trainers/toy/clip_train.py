@@ -4,9 +4,10 @@ A ``transformers`` :class:`~transformers.CLIPModel` (64 px vision tower, the toy
 contrastive (InfoNCE) objective on freshly rendered, jittered scenes and their captions, which leave each
 attribute out with probability ``omit_prob`` as the pipeline's pretraining captions do. Besides the other
 captions of the batch, every image is contrasted with ``hard_negatives`` captions that change exactly one of the
-attributes its caption names, so the model must read each attribute. The model, its :class:`CLIPProcessor` and
-``clip_report.json`` (settings, held-out retrieval, cosine-order checks, time, sizes) are saved to the output
-folder, which loads by path like any Hub CLIP.
+attributes its caption names, and batches hold scenes in sibling pairs that differ in one named attribute, so
+the model must read each attribute. The model, its :class:`CLIPProcessor` and ``clip_report.json`` (settings,
+held-out retrieval, cosine-order checks, time, sizes) are saved to the output folder, which loads by path like any
+Hub CLIP.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 CLIP_DIR = Path(__file__).parent / "clip"
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+POSITION_SCALE = 0.5  # amplitude of the initial sine-cosine patch position embeddings
 
 
 @dataclass
@@ -52,9 +54,9 @@ class ClipConfig:
     vision_layers: int = 3
     patch_size: int = 8
     projection_dim: int = 64
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 64
-    hard_negatives: int = 8
+    hard_negatives: int = 4
     lr: float = 2e-3
     warmup_steps: int = 100
     omit_prob: float = 0.2
@@ -86,7 +88,24 @@ def untrained_toy_clip(config: ClipConfig) -> tuple[Any, Any]:
         size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION},
         image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
     )  # fmt: skip
-    return CLIPModel(model_config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model = CLIPModel(model_config)
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.copy_(
+            patch_grid_embedding(RESOLUTION // config.patch_size, width)
+        )
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def patch_grid_embedding(grid: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings ``(1 + grid**2, width)`` for the class token (zeros) and the patches,
+    the vision tower's starting point (trained further): nearby patches start with similar embeddings."""
+    quarter = width // 4
+    frequencies = 1.0 / 100.0 ** (torch.arange(quarter) / quarter)
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = [axis.reshape(-1, 1) * frequencies for axis in (rows, cols)]
+    patches = torch.cat([f(angle) for angle in angles for f in (torch.sin, torch.cos)], dim=1)
+    return torch.cat([torch.zeros(1, 4 * quarter), patches]) * POSITION_SCALE
 
 
 def load_toy_clip(path: str | Path = CLIP_DIR) -> tuple[Any, Any]:
@@ -144,23 +163,32 @@ def change_attributes(scene: Attributes, names: list[str], rng: np.random.Genera
     return Attributes(**values)
 
 
-def training_batch(config: ClipConfig, rng: np.random.Generator) -> tuple[torch.Tensor, list[str], list[list[str]]]:
-    """Rendered images, their (possibly partial) captions and, per image, hard-negative captions."""
-    scenes = [sample_attributes(rng) for _ in range(config.batch_size)]
-    images = [render(scene, RESOLUTION, rng) for scene in scenes]
-    texts, negatives = [], []
-    for scene in scenes:
+Batch = tuple[torch.Tensor, list[str], list[list[str]]]
+
+
+def training_batch(config: ClipConfig, rng: np.random.Generator) -> Batch:
+    """Rendered images, their (possibly partial) captions and, per image, hard-negative captions.
+
+    Scenes come in sibling pairs that differ in exactly one attribute their caption names, so each image also
+    meets, within the batch, an image and a caption that only that attribute tells apart.
+    """
+    scenes, texts, negatives = [], [], []
+    for _ in range(config.batch_size // 2):
         # as the pipeline's pretraining captions (pretrain.training_caption), without the empty ones
         omitted = [name for name in ATTRIBUTE_VALUES if rng.random() < config.omit_prob]
-        named = [name for name in ATTRIBUTE_VALUES if name not in omitted]
-        pool = one_attribute_changes(scene, named) or one_attribute_changes(scene)
-        picks = rng.choice(len(pool), size=config.hard_negatives, replace=len(pool) < config.hard_negatives)
-        texts.append(caption(scene, omitted))
-        negatives.append([caption(pool[i], omitted) for i in picks])
+        named = [name for name in ATTRIBUTE_VALUES if name not in omitted] or list(ATTRIBUTE_VALUES)
+        scene = sample_attributes(rng)
+        for member in (scene, change_attributes(scene, [named[rng.integers(len(named))]], rng)):
+            pool = one_attribute_changes(member, named)
+            picks = rng.choice(len(pool), size=config.hard_negatives, replace=len(pool) < config.hard_negatives)
+            scenes.append(member)
+            texts.append(caption(member, omitted))
+            negatives.append([caption(pool[i], omitted) for i in picks])
+    images = [render(scene, RESOLUTION, rng) for scene in scenes]
     return pixel_values(images), texts, negatives
 
 
-def contrastive_loss(model: Any, tokenizer: Any, batch: tuple[torch.Tensor, list[str], list[list[str]]]) -> Any:
+def contrastive_loss(model: Any, tokenizer: Any, batch: Batch) -> Any:
     """Symmetric InfoNCE over the batch, the image side also ranking its hard-negative captions."""
     pixels, texts, negatives = batch
     images = image_features(model, pixels)
@@ -179,14 +207,16 @@ def train_toy_clip(config: ClipConfig) -> tuple[Any, Any, list[float]]:
     """Train a fresh toy CLIP with ``config``; returns the model (eval mode), its processor and the losses."""
     model, processor = untrained_toy_clip(config)
     rng = np.random.default_rng(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
     model.train()
     losses = []
     for step in range(config.steps):
-        loss = contrastive_loss(model, processor.tokenizer, training_batch(config, rng))
+        batch = training_batch(config, rng)
+        loss = contrastive_loss(model, processor.tokenizer, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
