@@ -38,6 +38,8 @@ def test_a_short_run_raises_the_task_reward_on_held_out_prompts(method: str, tas
     assert report["win_rate"] > 0.55, report
     assert report["fidelity/aligned"] >= report["fidelity/base"] - 0.15, report
     assert report["eval_accuracy/after"] >= 0.6 > report["eval_accuracy/before"], report
+    assert 0.0 <= report["validity/base"] <= 1.0 and 0.0 <= report["validity/aligned"] <= 1.0, report
+    assert report["distance/base"] > 0.0 and report["distance/aligned"] > 0.0, report
     assert Path(report["grid"]).is_file()
 
 

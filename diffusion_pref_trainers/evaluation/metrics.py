@@ -5,7 +5,10 @@ Scorers are plain callables, so the same metric runs with an exact toy-world det
 - reward model: ``reward(images, prompts) -> scores`` (PickScore, CLIP score, a toy task, ...);
 - fidelity: ``fidelity(images, prompts) -> scores in [0, 1]`` (toy: share of prompt attributes detected);
 - style scorer: ``style_scorer(images) -> P(style)`` (`docs/evaluation.md`, "style alignment");
-- embedding: ``embed(images) -> (N, D) array`` (toy: one-hot attributes; real: CLIP image embeddings).
+- embedding: ``embed(images) -> (N, D) array`` (toy: one-hot attributes; real: CLIP image embeddings);
+- validity: ``validity(images) -> scores in [0, 1]`` (toy: the detectors read a clean scene);
+- distance: ``distance(images, prompts) -> float``, lower is closer to reference images of the prompts (toy:
+  Fréchet distance of toy-CLIP features to true renders).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from PIL import Image
 ImageGrid = Sequence[Sequence[Image.Image]]
 RewardModel = Callable[[Sequence[Image.Image], Sequence[str]], Any]
 StyleScorer = Callable[[Sequence[Image.Image]], Any]
+Validity = Callable[[Sequence[Image.Image]], Any]
 Embedder = Callable[[Sequence[Image.Image]], Any]
+Distance = Callable[[Sequence[Image.Image], Sequence[str]], float]
 
 
 def _flatten(images: ImageGrid, prompts: Sequence[str]) -> tuple[list[Image.Image], list[str], tuple[int, int]]:
@@ -94,11 +99,13 @@ def compare(
     style_scorer: StyleScorer | None = None,
     embed: Embedder | None = None,
     tie_margin: float = 0.0,
+    validity: Validity | None = None,
+    distance: Distance | None = None,
 ) -> dict[str, float]:
     """Every metric for base and aligned images of the same prompts and seeds, in one flat dict.
 
     Keys: ``reward/base``, ``reward/aligned``, ``win_rate``, and, when their scorer is given,
-    ``fidelity/*``, ``style/*``, ``diversity/*``.
+    ``fidelity/*``, ``style/*``, ``diversity/*``, ``validity/*`` (mean), ``distance/*`` (over all images).
     """
     base_scores, aligned_scores = reward_scores(base, prompts, reward), reward_scores(aligned, prompts, reward)
     report = {
@@ -113,4 +120,9 @@ def compare(
             report[f"style/{name}"] = style_alignment(images, style_scorer)
         if embed is not None:
             report[f"diversity/{name}"] = diversity(images, embed)
+        flat, flat_prompts, _ = _flatten(images, prompts)
+        if validity is not None:
+            report[f"validity/{name}"] = float(np.asarray(validity(flat), dtype=np.float64).mean())
+        if distance is not None:
+            report[f"distance/{name}"] = float(distance(flat, flat_prompts))
     return report

@@ -8,6 +8,7 @@ through :func:`run_experiment`, so they measure the same thing the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ import datasets
 from PIL import Image
 
 from diffusion_pref_trainers.evaluation import PipelineSampler, compare, generate, save_comparison_grid
+from diffusion_pref_trainers.toy.clip_train import load_toy_clip
 from diffusion_pref_trainers.toy.model import RESOLUTION, load_toy_pipeline
+from diffusion_pref_trainers.toy.quality import validity, world_distance
 from diffusion_pref_trainers.toy.tasks import build_preference_dataset, get_task, task_prompts, toy_fidelity
 from diffusion_pref_trainers.toy.world import attribute_embedding
 
@@ -113,7 +116,8 @@ def run_experiment(
     data: TaskData | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` on the task's pairs, then compare aligned with base: reward, win rate, fidelity, style
-    share, diversity, held-out implicit-reward accuracy before/after, wall time. Writes a base-vs-aligned grid.
+    share, diversity, validity, distance to the world, held-out implicit-reward accuracy before/after, wall time.
+    Writes a base-vs-aligned grid.
 
     ``data`` (from :func:`prepare_task`) lets several objectives share one dataset; each run trains a fresh copy
     of the shipped toy pipeline.
@@ -137,9 +141,11 @@ def run_experiment(
     train_seconds = time.perf_counter() - start
     after = trainer.evaluate()
     aligned = _generate(trainer.pipe, data.eval_prompts, experiment, "generating aligned model's held-out images")
+    distance = functools.partial(world_distance, load_toy_clip()[0], seed=experiment.seed)
     metrics = compare(
-        data.eval_prompts, data.base_images, aligned, task, toy_fidelity, task.in_style, attribute_embedding
-    )
+        data.eval_prompts, data.base_images, aligned, task, toy_fidelity, task.in_style, attribute_embedding,
+        validity=validity, distance=distance,
+    )  # fmt: skip
     grid = Path(output_dir) / "comparison.png"
     save_comparison_grid(data.eval_prompts[:8], data.base_images[:8], aligned[:8], grid)
     return {
