@@ -232,6 +232,19 @@ class DiffusionTrainingConfig:
     save_steps: int = _help("Write a checkpoint every this many optimizer steps; 0 disables.", 500)
     save_total_limit: int | None = _help("Keep at most this many checkpoints (oldest deleted first).", None)
     eval_steps: int = _help("Evaluate every this many optimizer steps when an eval set is given; 0: only at end.", 0)
+    metric_for_best_model: str | None = _help(
+        "Evaluation metric (e.g. 'loss' or 'eval_rewards/accuracies') tracked in `state.best_metric`, "
+        "`best_global_step` and `best_model_checkpoint`, as transformers; what `EarlyStoppingCallback` watches.",
+        None,
+    )
+    greater_is_better: bool | None = _help(
+        "Whether a larger `metric_for_best_model` is better; None: False for a metric ending in 'loss', else True.",
+        None,
+    )
+    load_best_model_at_end: bool = _help(
+        "Not supported (False only): load `state.best_model_checkpoint` after training with `load_lora_weights`.",
+        False,
+    )
     eval_noise_draws: int = _help(
         "Fixed noise/timestep draws averaged per pair in `evaluate()`: more draws, less noisy accuracy.", 4
     )
@@ -410,6 +423,13 @@ class DiffusionTrainingConfig:
         _check(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints).")
         _check(self.eval_steps >= 0, "`eval_steps` must be >= 0.")
         _check(self.eval_noise_draws >= 1, "`eval_noise_draws` must be >= 1.")
+        _check(
+            not self.load_best_model_at_end,
+            "`load_best_model_at_end=True` is not supported: training ends with the last weights. Set "
+            "`metric_for_best_model` and load `trainer.state.best_model_checkpoint` (a checkpoint folder) yourself.",
+        )
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
         _check(self.num_validation_images >= 1, "`num_validation_images` must be >= 1.")
         _check(
             self.validation_inference_steps is None or self.validation_inference_steps >= 1,

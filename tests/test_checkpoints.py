@@ -32,8 +32,8 @@ class _StopAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.step:
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step:
             raise _Interrupted
 
 
@@ -100,8 +100,8 @@ def test_save_steps_write_complete_checkpoints_atomically_and_keep_the_newest(pa
     on_disk_at_save = []
 
     class Watch(TrainerCallback):
-        def on_save(self, trainer, checkpoint_dir) -> None:
-            on_disk_at_save.append((Path(checkpoint_dir).name, _names(trainer.args.output_dir)))
+        def on_save(self, args, state, control, **kwargs) -> None:
+            on_disk_at_save.append((f"checkpoint-{state.global_step}", _names(args.output_dir)))
 
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[Watch()])
     written_into = []

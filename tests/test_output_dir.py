@@ -29,16 +29,16 @@ class _StopAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.step:
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step:
             raise _Interrupted
 
 
 class _Optimizer(TrainerCallback):
     """Records the optimizer's settings as training begins (after any resume)."""
 
-    def on_train_begin(self, trainer) -> None:
-        self.groups = [dict(group) for group in trainer.optimizer.param_groups]
+    def on_train_begin(self, args, state, control, optimizer, **kwargs) -> None:
+        self.groups = [dict(group) for group in optimizer.param_groups]
 
 
 def _names(folder: str | Path) -> list[str]:

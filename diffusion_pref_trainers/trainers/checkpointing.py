@@ -144,14 +144,16 @@ class CheckpointingMixin:
         tmp = checkpoints.temporary_path(out, step)
         self._write_training_state(tmp)
         self.accelerator.wait_for_everyone()  # every process's random states are on disk before the rename
+        best = self.state.best_global_step
+        if best is not None and (best == step or checkpoints.checkpoint_path(out, best).is_dir()):
+            self.state.best_model_checkpoint = str(checkpoints.checkpoint_path(out, best))
         if self.accelerator.is_main_process:
             self.state.save(tmp)
             checkpoints.write_run(tmp, self._run_record())
             checkpoints.commit(out, step)
             checkpoints.rotate(out, self.args.save_total_limit, self._fingerprint)
         self.accelerator.wait_for_everyone()
-        for callback in self.callbacks:
-            callback.on_save(self, str(checkpoints.checkpoint_path(out, step)))
+        self._event("on_save")
 
     def _write_training_state(self, folder: Path) -> None:
         """Each process's random states; weights, optimizer, schedule and loss scale from the main process only."""
@@ -200,6 +202,8 @@ class CheckpointingMixin:
         """Make this run's learning rate, weight decay, betas and epsilon rule the restored optimizer and schedule
         (which carry the checkpoint's), and record the change in `run.json`'s `resumes`."""
         args = self.args
+        if self._custom_optimizer:  # `optimizers=(...)`: the caller's optimizer and schedule hold their own settings
+            return
         changed = checkpoints.differences(saved, self._run_record()["settings"])
         for group in self.optimizer.param_groups:
             group["initial_lr"] = args.learning_rate

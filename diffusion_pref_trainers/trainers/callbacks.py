@@ -1,0 +1,103 @@
+"""Callbacks as transformers' Trainer calls them: its `CallbackHandler`, `TrainerControl` and `TrainOutput`.
+
+A mixin of `DiffusionPreferenceTrainer`. The loop's own schedule (log every `logging_steps`, evaluate every
+`eval_steps`, checkpoint every `save_steps`) is a `DefaultFlowCallback`, first in the list: it sets the control
+flags at each step's end, the callbacks after it may set or clear them, and the loop does what the flags say.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl
+from transformers.trainer_utils import TrainOutput, speed_metrics
+
+from diffusion_pref_trainers.state import TrainerCallback, TrainerState, check_callback
+
+
+class StepSchedule(DefaultFlowCallback):
+    """The loop's schedule: `logging_steps` (and the last step), `eval_steps` when there is eval data, `save_steps`."""
+
+    def __init__(self, evaluates: bool) -> None:
+        self.evaluates = evaluates
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        """Raise the flags due at this step."""
+        step = state.global_step
+        if step % args.logging_steps == 0 or step == state.max_steps:
+            control.should_log = True
+        if self.evaluates and args.eval_steps and step % args.eval_steps == 0:
+            control.should_evaluate = True
+        if args.save_steps and step % args.save_steps == 0:
+            control.should_save = True
+        return control
+
+    def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        """Nothing: the schedule counts optimizer steps only."""
+        return control
+
+
+class CallbacksMixin:
+    """`add_callback`, `pop_callback`, `remove_callback`, the events of the loop and what `train()` returns."""
+
+    def _init_callbacks(self, callbacks: list[TrainerCallback] | None) -> None:
+        """The handler (the schedule first, then `callbacks`) and a fresh control; fires `on_init_end`."""
+        if self.args.metric_for_best_model is not None and self.eval_dataset is None:
+            raise ValueError(
+                f"`metric_for_best_model={self.args.metric_for_best_model!r}` tracks an evaluation metric, but no "
+                "eval_dataset was given: pass eval_dataset= (or `dataset_test_split`), or unset metric_for_best_model."
+            )
+        schedule = StepSchedule(evaluates=self.eval_dataset is not None)
+        self.callback_handler = CallbackHandler(
+            [schedule, *(check_callback(callback) for callback in callbacks or [])],
+            self._unwrapped, getattr(self.pipe, "tokenizer", None), self.optimizer, self.lr_scheduler,
+        )  # fmt: skip
+        self.control = TrainerControl()
+        self._event("on_init_end")
+
+    def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        """Add a callback (a class is instantiated), as transformers' `Trainer.add_callback`."""
+        self.callback_handler.add_callback(check_callback(callback))
+
+    def pop_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> TrainerCallback | None:
+        """Remove and return the callback (the first of a class), as transformers' `Trainer.pop_callback`."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        """Remove the callback (the first of a class), as transformers' `Trainer.remove_callback`."""
+        self.callback_handler.remove_callback(callback)
+
+    def _event(self, name: str, **kwargs: Any) -> None:
+        """Call `name` on every callback with transformers' arguments; keep the control they return."""
+        self.callback_handler.lr_scheduler = self.lr_scheduler  # built by `train()`, after the handler
+        self.control = getattr(self.callback_handler, name)(self.args, self.state, self.control, **kwargs)
+        if self.control.should_epoch_stop:
+            raise ValueError(
+                "A callback set `control.should_epoch_stop`, which this loop does not honour (an exact resume counts "
+                "an epoch's batches from `global_step`): set `control.should_training_stop` to end training."
+            )
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        """`state.best_metric` and `best_global_step` from `metric_for_best_model`, as transformers' Trainer."""
+        name = self.args.metric_for_best_model
+        if name is None:
+            return
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"`metric_for_best_model={name!r}` is not among the evaluation metrics ({', '.join(sorted(metrics))})"
+                ": name one of them."
+            )
+        value, best = metrics[key], self.state.best_metric
+        if best is None or (value > best if self.args.greater_is_better else value < best):
+            self.state.best_metric, self.state.best_global_step = value, self.state.global_step
+
+    def _train_output(self, start: float, first_step: int, loss_sum: torch.Tensor, kept: int) -> TrainOutput:
+        """transformers' `TrainOutput`: the step, the mean loss of this run's kept steps, speed, loss and epoch."""
+        steps = self.state.global_step - first_step
+        loss = self.accelerator.reduce(loss_sum.to(self.accelerator.device), reduction="mean").item() / max(kept, 1)
+        rows = steps * self.args.gradient_accumulation_steps * self.args.per_device_train_batch_size
+        metrics = speed_metrics("train", start, num_samples=rows * self.accelerator.num_processes, num_steps=steps)
+        metrics.update(train_loss=loss, epoch=self.state.epoch)
+        return TrainOutput(self.state.global_step, loss, metrics)
