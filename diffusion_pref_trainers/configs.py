@@ -230,7 +230,11 @@ class DiffusionTrainingConfig:
     )
     logging_steps: int = _help("Log averaged metrics every this many optimizer steps.", 10)
     save_steps: int = _help("Write a checkpoint every this many optimizer steps; 0 disables.", 500)
-    save_total_limit: int | None = _help("Keep at most this many checkpoints (oldest deleted first).", None)
+    save_total_limit: int | None = _help(
+        "Keep at most this many checkpoints (oldest deleted first; the best one, by `metric_for_best_model`, is kept "
+        "too).",
+        None,
+    )
     eval_steps: int = _help("Evaluate every this many optimizer steps when an eval set is given; 0: only at end.", 0)
     metric_for_best_model: str | None = _help(
         "Evaluation metric (e.g. 'loss' or 'eval_rewards/accuracies') tracked in `state.best_metric`, "

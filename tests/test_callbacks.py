@@ -101,26 +101,43 @@ def test_should_save_writes_a_checkpoint_now_and_should_evaluate_evaluates(pairs
     assert evaluated == [1, 3] and logged == [2, 3]  # the final step's log and evaluation, as always
 
 
-def test_early_stopping_callback_stops_on_a_metric_that_does_not_improve(pairs, make_config, monkeypatch) -> None:
-    args = make_config(
-        per_device_train_batch_size=2, max_steps=8, eval_steps=1, save_steps=1, metric_for_best_model="loss"
-    )
-    if not hasattr(args, "eval_strategy"):  # transformers' name; the loop evaluates every `eval_steps`
+def _early_stopping(pairs: Any, args: Any, monkeypatch: pytest.MonkeyPatch, losses: list[float]) -> Any:
+    """A trainer with `EarlyStoppingCallback(early_stopping_patience=2)` whose evaluations give `losses`."""
+    if not hasattr(args, "eval_strategy"):  # transformers' name, read by the callback; the loop uses `eval_steps`
         object.__setattr__(args, "eval_strategy", "steps")
-    losses = iter([0.5, 0.4, 0.45, 0.6, 0.3])
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, eval_dataset=pairs)
     trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=2))
-    measure = trainer._measure
+    measure, scripted = trainer._measure, iter(losses)
+    monkeypatch.setattr(trainer, "_measure", lambda dataset: {**measure(dataset), "eval_loss": next(scripted)})
+    return trainer
 
-    def scripted(dataset: Any) -> dict[str, float]:
-        return {**measure(dataset), "eval_loss": next(losses)}
 
-    monkeypatch.setattr(trainer, "_measure", scripted)
+def test_early_stopping_callback_stops_on_a_metric_that_does_not_improve(pairs, make_config, monkeypatch) -> None:
+    args = make_config(
+        per_device_train_batch_size=2, max_steps=8, eval_steps=1, save_steps=1, save_total_limit=1,
+        metric_for_best_model="loss",
+    )  # fmt: skip
+    trainer = _early_stopping(pairs, args, monkeypatch, [0.5, 0.4, 0.45, 0.6, 0.3])
     trainer.train()
     assert trainer.state.global_step == 4  # 0.45 and 0.6 do not beat 0.4
     assert (trainer.state.best_metric, trainer.state.best_global_step) == (0.4, 2)
-    assert trainer.state.best_model_checkpoint == str(Path(args.output_dir, "checkpoint-2"))
-    assert TrainerState.load(Path(args.output_dir, "checkpoint-4")).best_global_step == 2
+    best = str(Path(args.output_dir, "checkpoint-2"))
+    assert trainer.state.best_model_checkpoint == best
+    # save_total_limit keeps the best checkpoint as well as the newest, as transformers.
+    assert sorted(path.name for path in Path(args.output_dir).glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    saved = TrainerState.load(Path(args.output_dir, "checkpoint-4"))
+    assert saved.best_model_checkpoint == best
+    assert saved.stateful_callbacks["EarlyStoppingCallback"]["attributes"] == {"early_stopping_patience_counter": 2}
+
+
+def test_early_stopping_resumes_its_patience_count(pairs, make_config, monkeypatch) -> None:
+    args = make_config(
+        per_device_train_batch_size=2, max_steps=8, eval_steps=1, save_steps=1, metric_for_best_model="loss"
+    )
+    _early_stopping(pairs, args, monkeypatch, [0.5, 0.4, 0.45, 0.6]).train()
+    resumed = _early_stopping(pairs, args, monkeypatch, [0.7])
+    resumed.train(resume_from_checkpoint=str(Path(args.output_dir, "checkpoint-3")))  # patience count 1 there
+    assert resumed.state.global_step == 4 and resumed.state.best_metric == 0.4
 
 
 def test_add_pop_and_remove_callback_take_a_class_or_an_instance(tiny_pipe_dir, pairs, make_config) -> None:
@@ -176,3 +193,15 @@ def test_the_state_file_keeps_transformers_fields_and_the_resume_counts(tmp_path
         json.loads(Path(tmp_path, STATE_FILE).read_text())
     )
     assert {field.name for field in dataclasses.fields(TrainerState)} >= {"trial_name", "eval_steps", "log_history"}
+
+
+def test_best_model_settings_as_transformers(make_config) -> None:
+    assert make_config(metric_for_best_model="loss").greater_is_better is False
+    assert make_config(metric_for_best_model="rewards/accuracies").greater_is_better is True
+    with pytest.raises(ValueError, match="`load_best_model_at_end=True` is not supported"):
+        make_config(load_best_model_at_end=True)
+
+
+def test_metric_for_best_model_needs_an_eval_set(tiny_pipe_dir, pairs, make_config) -> None:
+    with pytest.raises(ValueError, match="`metric_for_best_model='loss'` tracks an evaluation metric"):
+        DiffusionDPOTrainer(tiny_pipe_dir, make_config(metric_for_best_model="loss"), pairs)

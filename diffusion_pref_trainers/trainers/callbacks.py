@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState, TrainerControl
 from transformers.trainer_utils import TrainOutput, speed_metrics
 
 from diffusion_pref_trainers.state import TrainerCallback, TrainerState, check_callback
@@ -77,6 +77,30 @@ class CallbacksMixin:
                 "A callback set `control.should_epoch_stop`, which this loop does not honour (an exact resume counts "
                 "an epoch's batches from `global_step`): set `control.should_training_stop` to end training."
             )
+
+    def _export_callback_states(self) -> None:
+        """`state.stateful_callbacks`, as transformers writes it: each `ExportableState` callback's `state()` (a list
+        for several of a class) and the control's."""
+        states: dict[str, list[dict[str, Any]]] = {}
+        for callback in [*self.callback_handler.callbacks, self.control]:
+            if isinstance(callback, ExportableState):
+                states.setdefault(type(callback).__name__, []).append(callback.state())
+        self.state.stateful_callbacks = {name: found[0] if len(found) == 1 else found for name, found in states.items()}
+
+    def _restore_callback_states(self) -> None:
+        """Give each `ExportableState` callback the attributes a checkpoint saved for it (in order, per class), so
+        that e.g. `EarlyStoppingCallback`'s patience count resumes exactly."""
+        seen: dict[str, int] = {}
+        for callback in self.callback_handler.callbacks:
+            name = type(callback).__name__
+            saved = self.state.stateful_callbacks.get(name)
+            if not isinstance(callback, ExportableState) or saved is None:
+                continue
+            saved = saved if isinstance(saved, list) else [saved]
+            index, seen[name] = seen.get(name, 0), seen.get(name, 0) + 1
+            if index < len(saved):
+                for key, value in saved[index]["attributes"].items():
+                    setattr(callback, key, value)
 
     def _track_best(self, metrics: dict[str, float]) -> None:
         """`state.best_metric` and `best_global_step` from `metric_for_best_model`, as transformers' Trainer."""

@@ -147,11 +147,12 @@ class CheckpointingMixin:
         best = self.state.best_global_step
         if best is not None and (best == step or checkpoints.checkpoint_path(out, best).is_dir()):
             self.state.best_model_checkpoint = str(checkpoints.checkpoint_path(out, best))
+        self._export_callback_states()
         if self.accelerator.is_main_process:
             self.state.save(tmp)
             checkpoints.write_run(tmp, self._run_record())
             checkpoints.commit(out, step)
-            checkpoints.rotate(out, self.args.save_total_limit, self._fingerprint)
+            checkpoints.rotate(out, self.args.save_total_limit, self._fingerprint, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
         self._event("on_save")
 
@@ -195,6 +196,7 @@ class CheckpointingMixin:
             self.accelerator.scaler.load_state_dict(scaler)
         train_state.set_rng_state(rng)
         self.state = state
+        self._restore_callback_states()
         self.state.max_steps = self._total_steps()
         self._apply_settings(folder, record["settings"] if record else {})
 
