@@ -186,7 +186,7 @@ def test_a_cached_run_offloads_while_training_and_renders_its_samples_with_the_e
 class FailingStep(TrainerCallback):
     """Records whether the encoders were offloaded and the loaders kept at the first step's end, then fails."""
 
-    def __init__(self, trainer=None) -> None:
+    def __init__(self, trainer) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
