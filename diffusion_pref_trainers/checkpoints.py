@@ -27,16 +27,17 @@ NOT_IDENTITY = frozenset(
         "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs",
         "logging_steps", "save_steps", "save_total_limit", "eval_steps", "eval_noise_draws",
         "per_device_eval_batch_size", "dataset_test_split", "validation_prompts", "num_validation_images",
-        "validation_seed", "validation_inference_steps", "report_to", "push_to_hub", "hub_model_id",
+        "validation_seed", "validation_inference_steps", "validation_steps", "report_to", "push_to_hub", "hub_model_id",
         "hub_private_repo", "hub_strategy", "hub_token", "dataloader_num_workers", "cache_dir",
         "offload_cached_encoders", "gradient_checkpointing", "channels_last", "attention_backend", "torch_compile",
-        "torch_compile_mode", "torch_compile_backend",
+        "torch_compile_mode", "torch_compile_backend", "logging_first_step", "eval_strategy", "eval_on_start",
+        "save_strategy", "dataloader_pin_memory",
     }
 )  # fmt: skip
 # Optimizer and schedule settings a resume applies anew (`CheckpointingMixin._apply_settings`): not identity either.
 APPLIED_ON_RESUME = (
     "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type",
-    "warmup_steps", "max_grad_norm",
+    "warmup_steps", "max_grad_norm", "lr_scheduler_kwargs",
 )  # fmt: skip
 
 

@@ -1,38 +1,43 @@
-"""The command line behind `examples/train.py`: a YAML recipe plus `--key value` overrides, one trainer run.
+"""The `dpt-train` command (also `examples/train.py`): TRL's `TrlParser` over a YAML recipe and `--key value`.
 
-A recipe is a flat YAML mapping. `method` picks the trainer (dpo, rpo, ...); the keys of
-`ScriptArguments` say where the model and data come from (TRL's names); every other key is a field of
-that method's config dataclass, including how the dataset is read (`dataset_config`, `dataset_train_split`,
-`dataset_test_split`, `dataset_streaming`, `column_mapping`). With no model and no dataset, the run stays offline:
-with `toy_task` it aligns the shipped toy-world pipeline to that task (pairs sampled from the pipeline itself,
-labelled by the task's exact reward) and reports the reward before and after; without it, it uses the tiny
-random pipeline and generated pairs of the offline kit.
+`dpt-train --config recipe.yaml --learning_rate 1e-4` trains once. `method` (from `--method` or the recipe) picks
+the trainer (dpo, rpo, ...) and so the config dataclass parsed beside `ScriptArguments`; the recipe's keys and the
+command line's `--key value` set fields of either (the command line wins), and an `env:` mapping in the recipe sets
+environment variables, as in TRL's scripts. With no model and no dataset, the run stays offline: with `toy_task` it
+aligns the shipped toy-world pipeline to that task (pairs sampled from the pipeline itself, labelled by the task's
+exact reward) and reports the reward before and after; without it, it uses the tiny random pipeline and generated
+pairs of the offline kit.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import json
 import os
-import re
 import resource
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import yaml
+from trl import TrlParser
 
 from diffusion_pref_trainers.configs import METHOD_CONFIGS, _help, field_types, split_optional
+
+USAGE = "%(prog)s [--config RECIPE.yaml] [--method METHOD] [--FIELD VALUE ...]"
 
 
 @dataclass
 class ScriptArguments:
-    """Where the model and the data come from (TRL's `ScriptArguments` names), and which method trains."""
+    """Which method trains and where the model and the data come from (TRL's names).
+
+    TRL's own `ScriptArguments` is not parsed: its `dataset_config`, `dataset_train_split`, `dataset_test_split`
+    and `dataset_streaming` are fields of the method's config here (the trainer reads them, so they live in one
+    place), and its `ignore_bias_buffers` (a language-model DDP workaround) would be accepted and ignored.
+    """
 
     method: str = _help(f"The objective to train with: one of {', '.join(sorted(METHOD_CONFIGS))}.", "dpo")
     model_name_or_path: str | None = _help(
@@ -53,8 +58,16 @@ class ScriptArguments:
     toy_prompts: int = _help("Toy world only: how many training prompts to sample the base pipeline for.", 48)
 
 
+class CommandLine(NamedTuple):
+    """A parsed command line: the script arguments, the method's config, and the config fields it set."""
+
+    script: ScriptArguments
+    config: Any
+    given: frozenset[str]
+
+
 def read_recipe(path: str | None) -> dict[str, Any]:
-    """The flat mapping of a YAML recipe (empty when no path); values are typed later, by `split_settings`."""
+    """The mapping of a YAML recipe (empty when no path), read before parsing to learn its `method`."""
     if path is None:
         return {}
     if not Path(path).is_file():
@@ -65,101 +78,86 @@ def read_recipe(path: str | None) -> dict[str, Any]:
     return recipe
 
 
-class Flag(str):
-    """A bare `--name` given without a value: True for a bool field, an error for any other."""
+class RecipeParser(TrlParser):
+    """`TrlParser` for `ScriptArguments` and one method's config. A YAML 1.1 boolean (`no`, `off`, ...) given to a
+    text field is the word 'no'/'yes' (`mixed_precision: no`), not False."""
+
+    def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
+        """Recipe values become the parser's defaults (TRL), YAML booleans of text fields as 'yes'/'no'."""
+        hints = {name: hint for dtype in self.dataclass_types for name, hint in field_types(dtype).items()}
+        return super().set_defaults_with_config(**{k: _as_text_field(v, hints.get(k)) for k, v in kwargs.items()})
 
 
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """`--key value` / `--key=value` pairs as text, and a bare `--key` as a `Flag`; `split_settings` types the
-    text by the field's annotation, as TRL's parser does."""
-    overrides: dict[str, Any] = {}
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--"):
-            raise ValueError(f"Expected an option like --learning_rate 1e-4, got {token!r}.")
-        key, sep, value = token[2:].partition("=")
-        if not sep:
-            bare = index + 1 >= len(tokens) or tokens[index + 1].startswith("--")
-            value = Flag(key) if bare else tokens[index + 1]
-            index += 0 if bare else 1
-        overrides[key.replace("-", "_")] = value
-        index += 1
-    return overrides
-
-
-_INTEGER = re.compile(r"[+-]?\d+")
-# transformers' `string_to_bool`, which TRL's parser applies to bool fields.
-_TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
-_NONE = ("none", "null", "~")
-
-
-def _from_text(name: str, text: str, kind: Any) -> Any:
-    """Text (from the command line or a quoted YAML value) as a value of type `kind`; an error naming the option
-    when it cannot be a switch or a number. Other text stays text, for the config to check."""
-    origin = typing.get_origin(kind)
-    if kind is bool and text.lower() in _TRUE + _FALSE:
-        return text.lower() in _TRUE
-    if kind is bool:
-        raise ValueError(f"--{name} {text}: `{name}` takes a boolean (true/false, yes/no, 1/0).")
-    if kind is int and not _INTEGER.fullmatch(text):
-        raise ValueError(f"--{name} {text}: `{name}` takes a whole number.")
-    if kind is int:
-        return int(text)
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"--{name} {text}: `{name}` takes a number, e.g. 1e-4.") from None
-    if origin is dict or (origin is list and text.startswith("[")):
-        return yaml.safe_load(text)
-    return text
-
-
-def typed_value(name: str, value: Any, hint: Any) -> Any:
-    """A setting (command-line text, a bare flag, or a YAML value) as field `name` of annotation `hint` reads it.
-
-    Text is read by the annotation (`no` is False for a bool field and stays 'no' for a string field; `none` is
-    None where None is allowed; `[a, b]` is a list); from YAML, `1e-4` is a number for a float field and a
-    YAML 1.1 boolean (`no`, `off`, ...) is 'no'/'yes' for a string field. The config checks the result.
-    """
-    kind, optional = split_optional(hint)
-    if isinstance(value, Flag):
-        if kind is not bool:
-            raise ValueError(f"Option --{name} needs a value: only switches (True/False fields) can be given bare.")
-        return True
-    if isinstance(value, str) and optional and value.lower() in _NONE:
-        return None
-    if isinstance(value, str) and kind is not str:
-        return _from_text(name, value, kind)
-    if isinstance(value, bool) and kind is str:
+def _as_text_field(value: Any, hint: Any) -> Any:
+    """A recipe value for a field of annotation `hint`: a YAML boolean is 'yes'/'no' where the field takes text."""
+    if isinstance(value, bool) and split_optional(hint)[0] is str:
         return "yes" if value else "no"
     return value
 
 
-def _unknown_keys_error(unknown: list[str], valid: set[str], method: str) -> ValueError:
-    """An error naming each unknown key with the closest valid names."""
-    lines = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(valid), n=3)
-        lines.append(f"`{key}`" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    return ValueError(f"Unknown settings for method {method!r}: {'; '.join(lines)}. Valid: {sorted(valid)}.")
-
-
-def split_settings(settings: dict[str, Any]) -> tuple[ScriptArguments, Any]:
-    """Script arguments and the method's config from one mapping, each value typed by its field's annotation;
-    an unknown key is an error naming the closest valid ones."""
-    method = typed_value("method", settings.get("method", "dpo"), str)
+def make_parser(method: str) -> RecipeParser:
+    """The parser of `ScriptArguments` and `method`'s config; a bad value raises `argparse.ArgumentError`."""
     if method not in METHOD_CONFIGS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}.")
     config_class = METHOD_CONFIGS[method]
-    script_types, config_types = field_types(ScriptArguments), field_types(config_class)
-    unknown = sorted(set(settings) - set(script_types) - set(config_types))
-    if unknown:
-        raise _unknown_keys_error(unknown, set(script_types) | set(config_types), method)
-    typed = {key: typed_value(key, value, {**script_types, **config_types}[key]) for key, value in settings.items()}
-    script = ScriptArguments(**{k: v for k, v in typed.items() if k in script_types})
-    return script, config_class(**{k: v for k, v in typed.items() if k in config_types})
+    return RecipeParser(
+        (ScriptArguments, config_class),
+        usage=USAGE,
+        description=f"{__doc__.splitlines()[0]} Settings of method {method!r}: ScriptArguments, then "
+        f"{config_class.__name__}.",
+        epilog="Booleans: `--use_lora`, `--use_lora false`. Lists: `--lora_target_modules to_q to_v`. None (for "
+        "number fields that allow it): `--save_total_limit none`. Mappings: a JSON object. Choose the method with "
+        "`--method` (or the recipe's `method`); `--method rpo --help` lists its settings.",
+        allow_abbrev=False,
+        exit_on_error=False,
+    )
+
+
+def _pre_parse(argv: list[str], default_recipe: str | None) -> tuple[list[str], str, dict[str, Any]]:
+    """The arguments for `TrlParser` (`--config` spelled its way), the method, and the recipe's mapping."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--config", default=default_recipe)
+    pre.add_argument("--method")
+    known, rest = pre.parse_known_args(argv)
+    recipe = read_recipe(known.config)
+    method = known.method or recipe.get("method", ScriptArguments.method)
+    config = ["--config", known.config] if known.config else []
+    return [*config, *(["--method", known.method] if known.method else []), *rest], str(method), recipe
+
+
+def _unknown_error(method: str, from_recipe: list[str], from_command_line: list[str], valid: list[str]) -> ValueError:
+    """An error naming each unknown key (with the closest valid names) and any value without its option."""
+    names = [token[2:] for token in from_recipe[::2]] + [
+        token.lstrip("-").split("=")[0] for token in from_command_line if token.startswith("-")
+    ]
+    lines = []
+    for name in names:
+        close = difflib.get_close_matches(name, valid, n=3)
+        lines.append(f"`{name}`" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if not names:
+        lines.append(f"values without an option {from_command_line} (expected `--key value`)")
+    return ValueError(f"Unknown settings for method {method!r}: {'; '.join(lines)}. See --help for every setting.")
+
+
+def _set_on_command_line(parser: RecipeParser, args: list[str]) -> set[str]:
+    """The fields `args` sets (after `parser` has parsed them: its defaults are cleared to find out)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(args)[0]))
+
+
+def parse_command_line(argv: list[str], default_recipe: str | None = None) -> CommandLine:
+    """Pre-parse the method (`--method`, the recipe's, or dpo), then parse with `TrlParser`: `--config`, the recipe
+    (`env:` included), `--key value`. Unknown keys and bad values raise, naming the setting."""
+    args, method, recipe = _pre_parse(argv, default_recipe)
+    parser = make_parser(method)
+    script, config, from_recipe, from_command_line = parser.parse_args_and_config(
+        args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if from_recipe or from_command_line:
+        valid = sorted({*field_types(ScriptArguments), *field_types(type(config))})
+        raise _unknown_error(method, from_recipe, from_command_line, valid)
+    return CommandLine(script, config, frozenset(set(recipe) | _set_on_command_line(parser, args)))
 
 
 def _load_data(script: ScriptArguments, resolution: int) -> tuple[Any, Any]:
@@ -173,28 +171,27 @@ def _load_data(script: ScriptArguments, resolution: int) -> tuple[Any, Any]:
     return script.dataset_name, None
 
 
-def run_toy(script: ScriptArguments, args: Any, given: set[str]) -> dict[str, Any]:
-    """Align the shipped toy pipeline to `script.toy_task` with the config settings in `given` (typed, from
-    `args`); the summary has the reward before and after."""
+def run_toy(script: ScriptArguments, args: Any, given: frozenset[str]) -> dict[str, Any]:
+    """Align the shipped toy pipeline to `script.toy_task` with the config settings in `given` (their values from
+    `args`; the toy world's defaults for the rest); the summary has the reward before and after."""
     from diffusion_pref_trainers.toy.alignment import ToyExperiment, run_experiment
 
-    config_keys = {f.name for f in dataclasses.fields(args)}
-    overrides = {key: getattr(args, key) for key in given if key in config_keys}
+    overrides = {key: getattr(args, key) for key in given if key in field_types(type(args))}
     output_dir = overrides.pop("output_dir", f"outputs/toy-{script.toy_task}-{script.method}")
     experiment = ToyExperiment(task=script.toy_task, train_prompts=script.toy_prompts)
     summary = run_experiment(script.method, experiment, output_dir, overrides)
     return {"adapter": str(Path(output_dir).resolve()), **summary}
 
 
-def run(settings: dict[str, Any]) -> dict[str, Any]:
-    """Train once with `settings` (recipe plus overrides); returns the adapter path, metrics and timing."""
+def run(command_line: CommandLine) -> dict[str, Any]:
+    """Train once as `command_line` says; returns the adapter path, metrics and timing."""
     from diffusion_pref_trainers.families import get_family
     from diffusion_pref_trainers.sources import load_pipeline
     from diffusion_pref_trainers.trainers import TRAINERS
 
-    script, args = split_settings(settings)
+    script, args = command_line.script, command_line.config
     if script.toy_task is not None and script.model_name_or_path is None and script.dataset_name is None:
-        return run_toy(script, args, set(settings))
+        return run_toy(script, args, command_line.given)
     if script.model_name_or_path is None:
         from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
@@ -234,60 +231,26 @@ def use_cpu_for_several_processes() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
-def print_help(parser: argparse.ArgumentParser, settings: dict[str, Any]) -> NoReturn:
-    """Print the options: `--config`, the script arguments and every field of the method's config, then exit."""
-    method = settings.get("method", ScriptArguments.method)
-    if method not in METHOD_CONFIGS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}.")
-    full = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
-        parents=[parser],
-        add_help=False,
-        usage="%(prog)s [--config RECIPE.yaml] [--setting value ...]",
-        epilog="Values are read as YAML: `--learning_rate 1e-4`, `--gradient_checkpointing true`.",
-    )
-    for title, fields in (
-        ("script arguments", dataclasses.fields(ScriptArguments)),
-        (f"{method} settings ({METHOD_CONFIGS[method].__name__})", dataclasses.fields(METHOD_CONFIGS[method])),
-    ):
-        group = full.add_argument_group(title)
-        for field in fields:
-            value = f"set: {settings[field.name]!r}" if field.name in settings else f"default: {_default(field)!r}"
-            text = field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-            group.add_argument(f"--{field.name}", metavar="VALUE", help=f"{text} ({value})")
-    full.print_help()
-    sys.exit(0)
+def _usage_error(error: Exception) -> NoReturn:
+    """Print `error` under the usage line and exit 2, as argparse does for a bad command line."""
+    argparse.ArgumentParser(usage=USAGE).error(str(error))
 
 
-def _default(field: dataclasses.Field) -> Any:
-    """A dataclass field's default value (None when it has none)."""
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
-
-
-def main(argv: list[str] | None = None, default_recipe: str | None = None) -> dict[str, Any]:
-    """Parse `--config recipe.yaml [--key value ...]`, train, print and return the summary; `--help` lists every
-    setting of the chosen method (from `--method` or the recipe) without importing torch."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False, add_help=False)
-    parser.add_argument("--config", default=default_recipe, help="A YAML recipe (see examples/configs/).")
-    parser.add_argument("-h", "--help", action="store_true", help="Show every setting of the method and exit.")
-    known, rest = parser.parse_known_args(argv)
+def main(argv: list[str] | None = None, default_recipe: str | None = None) -> None:
+    """Parse `[--config recipe.yaml] [--key value ...]` (default: `sys.argv`), train, print the summary. A bad
+    setting exits 2 before anything loads; `--help` lists every setting of the chosen method without importing
+    torch."""
     try:
-        settings = {**read_recipe(known.config), **parse_overrides(rest)}
-        if not known.help:
-            split_settings(settings)  # a bad setting is a usage error (exit 2), before anything loads
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        parser.error(str(error))
-    if known.help:
-        print_help(parser, settings)
+        command_line = parse_command_line(sys.argv[1:] if argv is None else argv, default_recipe)
+    except (argparse.ArgumentError, ValueError, TypeError, FileNotFoundError) as error:
+        _usage_error(error)
     use_cpu_for_several_processes()
     from diffusion_pref_trainers.threads import set_run_threads
 
     threads = set_run_threads()  # every process; one line on the machine's first
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(threads, file=sys.stderr)
-    summary = run(settings)
+    summary = run(command_line)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -299,8 +262,7 @@ def main(argv: list[str] | None = None, default_recipe: str | None = None) -> di
                 f"{summary['fidelity/base']:.2f} -> {summary['fidelity/aligned']:.2f}. Grid: {summary['grid']}"
             )
         print(f"Saved adapter: {summary['adapter']}  (load with pipe.load_lora_weights(path))")
-    return summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

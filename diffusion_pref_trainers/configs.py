@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import numbers
 import os
@@ -20,7 +21,21 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "adafactor")
+from diffusion_pref_trainers.trl_names import refusal
+
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+)
+BNB_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "none")
@@ -32,6 +47,10 @@ LR_SCHEDULERS = (
     "cosine",
     "cosine_with_restarts",
     "polynomial",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
 )
 
 
@@ -74,6 +93,32 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"`{name}={value!r}` is not supported; choose one of {', '.join(choices)}.")
 
 
+def parse_optim_args(text: str | None) -> dict[str, Any]:
+    """transformers' `optim_args` string 'k=v,k=v' as keyword arguments; numbers and booleans are read as such."""
+    values: dict[str, Any] = {}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        _check(
+            bool(key and sep and value), f"`optim_args={text!r}` must read 'key=value,key=value', e.g. 'momentum=0.9'."
+        )
+        values[key] = _literal(value)
+    return values
+
+
+def _literal(value: str) -> Any:
+    """A string as the number or boolean it spells, else itself."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 @functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of every field of dataclass `cls` (the module's annotations are strings)."""
@@ -97,17 +142,38 @@ def _type_name(hint: Any) -> str:
     if origin is list:
         return "a list of strings (or one string)"
     if origin is dict:
-        return "a mapping of strings to strings"
+        return "a mapping of strings to strings" if typing.get_args(hint)[1] is str else "a mapping (dict)"
     return names.get(hint, str(hint))
+
+
+def _dict_or_json(hint: Any) -> Any:
+    """The `dict[...]` of TRL's `dict[...] | str` annotation (a mapping, or a JSON object as text from the command
+    line); None for any other annotation."""
+    args = typing.get_args(hint)
+    mapping = [arg for arg in args if typing.get_origin(arg) is dict]
+    return mapping[0] if mapping and str in args else None
+
+
+def _json_object(name: str, text: str) -> Any:
+    """The JSON text given for a `dict | str` field, decoded; a `ValueError` naming the field when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f'`{name}` takes a mapping, or a JSON object as text (e.g. \'{{"text": "prompt"}}\'); got {text!r}, '
+            f"which is not JSON ({error.msg})."
+        ) from None
 
 
 def checked_value(name: str, value: Any, hint: Any) -> Any:
     """`value` of field `name` if it has the annotated type (any integer, numpy's too, is an int; any real number a
-    float for float fields; a string a one-item list; a path a string); otherwise a `TypeError` naming the field,
-    the value and the type."""
+    float for float fields; a string a one-item list; a path a string; for TRL's `dict | str`, JSON text the mapping
+    it encodes); otherwise a `TypeError` naming the field, the value and the type."""
     kind, optional = split_optional(hint)
     if value is None and optional:
         return value
+    if _dict_or_json(kind) is not None:
+        kind, value = _dict_or_json(kind), _json_object(name, value) if isinstance(value, str) else value
     origin = typing.get_origin(kind)
     if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
@@ -149,8 +215,20 @@ def _torch_compile_modes() -> tuple[str, ...]:
     return tuple(list_mode_options())
 
 
+class _RefusesUnknownNames(type):
+    """Configs refuse a keyword they lack by name: a TrainingArguments field with the reason and what to use instead
+    (`trl_names`), any other with the close field names."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        known = [item.name for item in dataclasses.fields(cls)]
+        for name in kwargs:
+            if name not in known:
+                raise refusal(name, known, cls.__name__)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass
-class DiffusionTrainingConfig:
+class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
     """Settings every objective shares.
 
     Groups: output and logging (`output_dir`, `logging_steps`, `report_to`), schedule (`learning_rate`,
@@ -175,8 +253,19 @@ class DiffusionTrainingConfig:
     gradient_accumulation_steps: int = _help("Micro-steps accumulated into one optimizer step.", 1)
     max_steps: int = _help("Total optimizer steps; -1 trains for `num_train_epochs` instead.", -1)
     num_train_epochs: float = _help("Epochs over the training set when `max_steps` is -1.", 1.0)
-    lr_scheduler_type: str = _help(f"Learning-rate schedule, one of {', '.join(LR_SCHEDULERS)}.", "constant")
-    warmup_steps: int = _help("Optimizer steps of linear warm-up.", 0)
+    lr_scheduler_type: str = _help(
+        f"Learning-rate schedule (transformers' `get_scheduler`), one of {', '.join(LR_SCHEDULERS)}.", "constant"
+    )
+    lr_scheduler_kwargs: dict[str, Any] | None = _help(
+        "Extra arguments of the schedule, passed to `transformers.get_scheduler(scheduler_specific_kwargs=...)`, "
+        "e.g. {'num_cycles': 2} for 'cosine_with_restarts' or {'power': 2.0} for 'polynomial'.",
+        None,
+    )
+    warmup_steps: float = _help(
+        "Linear warm-up: a number of optimizer steps (>= 1), or below 1 a ratio of the total steps (0.1: the first "
+        "10%, rounded up), as in transformers 5.",
+        0,
+    )
     max_grad_norm: float = _help("Gradient clipping norm; 0 disables clipping.", 1.0)
     max_nonfinite_steps: int = _help(
         "Optimizer steps in a row whose loss or gradient norm may be non-finite (NaN or inf) before training stops "
@@ -189,11 +278,26 @@ class DiffusionTrainingConfig:
     adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
     weight_decay: float = _help("Weight decay of the optimizer.", 1e-2)
     optim: str = _help(
-        "Optimizer: 'adamw_torch', 'adamw_8bit' (bitsandbytes, for memory) or 'adafactor'.", "adamw_torch"
+        "Optimizer, by TrainingArguments' name: 'adamw_torch', 'adamw_torch_fused' (torch's fused kernel), "
+        "'adamw_8bit' or 'adamw_bnb_8bit' (bitsandbytes' 8-bit state, for memory), 'paged_adamw_8bit' or "
+        "'paged_adamw_32bit' (bitsandbytes, state paged to CPU memory under pressure), 'adafactor' or 'sgd'.",
+        "adamw_torch",
+    )
+    optim_args: str | None = _help(
+        "Extra optimizer arguments in transformers' form 'k=v,k=v' (e.g. 'momentum=0.9' for 'sgd'); values are read "
+        "as numbers or booleans where they are, and passed to the optimizer's constructor.",
+        None,
     )
     mixed_precision: str = _help(
-        "Autocast precision: 'no', 'fp16' or 'bf16'. Frozen weights are cast to it; trainable ones stay fp32.",
+        "Autocast precision: 'no', 'fp16' or 'bf16'. Frozen weights are cast to it; trainable ones stay fp32. "
+        "`bf16=True` or `fp16=True` set it.",
         "no",
+    )
+    bf16: bool = _help(
+        "bf16 mixed precision, as TrainingArguments names it: the same as `mixed_precision='bf16'`.", False
+    )
+    fp16: bool = _help(
+        "fp16 mixed precision, as TrainingArguments names it: the same as `mixed_precision='fp16'`.", False
     )
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", False)
     channels_last: bool = _help(
@@ -229,13 +333,29 @@ class DiffusionTrainingConfig:
         None,
     )
     logging_steps: int = _help("Log averaged metrics every this many optimizer steps.", 10)
-    save_steps: int = _help("Write a checkpoint every this many optimizer steps; 0 disables.", 500)
+    logging_first_step: bool = _help("Also log after the first optimizer step.", False)
+    save_strategy: str = _help(
+        "When checkpoints are written: 'steps' (every `save_steps`), 'epoch' (at the end of every epoch) or 'no'.",
+        "steps",
+    )
+    save_steps: int = _help(
+        "With save_strategy='steps': write a checkpoint every this many optimizer steps; 0 disables.", 500
+    )
     save_total_limit: int | None = _help(
         "Keep at most this many checkpoints (oldest deleted first; the best one, by `metric_for_best_model`, is kept "
         "too).",
         None,
     )
-    eval_steps: int = _help("Evaluate every this many optimizer steps when an eval set is given; 0: only at end.", 0)
+    eval_strategy: str = _help(
+        "When `train()` evaluates (with an eval set): 'steps' (every `eval_steps`), 'epoch' (at the end of every "
+        "epoch) or 'no' (never; `evaluate()` still can). Except with 'no', `train()` also evaluates at its end "
+        "unless its last step just did.",
+        "steps",
+    )
+    eval_steps: int = _help(
+        "With eval_strategy='steps': evaluate every this many optimizer steps; 0: only at the end of `train()`.", 0
+    )
+    eval_on_start: bool = _help("Evaluate once before the first training step (needs an eval set).", False)
     metric_for_best_model: str | None = _help(
         "Evaluation metric (e.g. 'loss' or 'eval_rewards/accuracies') tracked in `state.best_metric`, "
         "`best_global_step` and `best_model_checkpoint`, as transformers; what `EarlyStoppingCallback` watches.",
@@ -254,7 +374,8 @@ class DiffusionTrainingConfig:
     )
     validation_prompts: list[str] = _help(
         "Prompts rendered at the end of `train()` with the base and the aligned weights (same seeds), saved as a "
-        "grid in `output_dir/samples/` and shown in the model card; empty: no samples.",
+        "grid in `output_dir/samples/`, shown in the model card and logged to the trackers (also every "
+        "`validation_steps`); empty: no samples.",
         [],
     )
     num_validation_images: int = _help("Images (seeds) per validation prompt.", 2)
@@ -264,7 +385,18 @@ class DiffusionTrainingConfig:
     validation_inference_steps: int | None = _help(
         "Sampling steps of the validation images; None: the pipeline's default.", None
     )
-    seed: int = _help("Seed for initialisation, data order, noise and timesteps; >= 0.", 42)
+    validation_steps: int | None = _help(
+        "Also render `validation_prompts` every this many optimizer steps (fixed seeds, base next to current weights) "
+        "and log the grid to the `report_to` trackers, as diffusers' training scripts do; 0 or None: only at the "
+        "end of `train()`. Needs `validation_prompts` and a tracker.",
+        None,
+    )
+    seed: int = _help("Seed for initialisation, data order (unless `data_seed`), noise and timesteps; >= 0.", 42)
+    data_seed: int | None = _help(
+        "Seed of the training rows' order (and a streamed dataset's shuffle) alone; None: `seed`. Noise, "
+        "timesteps, crops and flips follow `seed`.",
+        None,
+    )
     report_to: list[str] = _help("Trackers passed to accelerate ('tensorboard', 'wandb', ...); empty: none.", [])
     run_name: str | None = _help(
         "The run's name in the trackers (wandb/trackio `name`, mlflow `run_name`; tensorboard writes to "
@@ -308,9 +440,10 @@ class DiffusionTrainingConfig:
         "0: stream order.",
         1000,
     )
-    column_mapping: dict[str, str] | None = _help(
+    column_mapping: dict[str, str] | str | None = _help(
         "Rename the dataset's columns to a schema's names before detection, e.g. {'text': 'prompt', "
-        "'good': 'chosen', 'bad': 'rejected'} (see docs/data.md).",
+        "'good': 'chosen', 'bad': 'rejected'} (see docs/data.md); on the command line a JSON object, e.g. "
+        '\'{"text": "prompt"}\'.',
         None,
     )
     proportion_empty_prompts: float = _help(
@@ -366,6 +499,9 @@ class DiffusionTrainingConfig:
     dataloader_num_workers: int = _help(
         "Worker processes decoding images, started once per run (every epoch for a streamed dataset).", 0
     )
+    dataloader_pin_memory: bool = _help(
+        "Pin batches in page-locked memory for faster copies to a CUDA device (no effect elsewhere).", True
+    )
     push_to_hub: bool = _help(
         "Push the final adapter, model card and sample grid to the Hub at the end of `train()`.", False
     )
@@ -408,6 +544,7 @@ class DiffusionTrainingConfig:
         self._read_deprecated_names()
         self._check_types()
         _check_finite_numbers(self)
+        self._read_precision_flags()
         _check(self.learning_rate > 0, f"`learning_rate` must be > 0, got {self.learning_rate}.")
         _check(
             self.per_device_train_batch_size >= 1,
@@ -421,11 +558,17 @@ class DiffusionTrainingConfig:
             "`num_train_epochs` > 0.",
         )
         _check(self.warmup_steps >= 0, "`warmup_steps` must be >= 0.")
+        _check(
+            self.warmup_steps < 1 or self.warmup_steps.is_integer(),
+            f"`warmup_steps={self.warmup_steps}` must be a whole number of steps, or below 1 a ratio of the total "
+            "steps (e.g. 0.1).",
+        )
         _check(self.max_grad_norm >= 0, "`max_grad_norm` must be >= 0 (0 disables clipping).")
         _check(self.max_nonfinite_steps >= 1, f"`max_nonfinite_steps` must be >= 1, got {self.max_nonfinite_steps}.")
         _check(self.logging_steps >= 1, "`logging_steps` must be >= 1.")
         _check(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints).")
         _check(self.eval_steps >= 0, "`eval_steps` must be >= 0.")
+        self._check_schedules()
         _check(self.eval_noise_draws >= 1, "`eval_noise_draws` must be >= 1.")
         _check(
             not self.load_best_model_at_end,
@@ -439,6 +582,7 @@ class DiffusionTrainingConfig:
             self.validation_inference_steps is None or self.validation_inference_steps >= 1,
             "`validation_inference_steps` must be None (the pipeline's default) or >= 1.",
         )
+        self._check_validation_steps()
         _check(bool(self.dataset_train_split), "`dataset_train_split` must name a split, e.g. 'train'.")
         _check(
             self.dataset_test_split is None or bool(self.dataset_test_split),
@@ -505,9 +649,10 @@ class DiffusionTrainingConfig:
         )
         _check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         _check(
-            not (self.push_to_hub and self.hub_strategy == "every_save" and self.save_steps == 0),
-            "`hub_strategy='every_save'` pushes at every checkpoint, but `save_steps=0` writes none: set "
-            "`save_steps`, or use hub_strategy='end'.",
+            not (self.push_to_hub and self.hub_strategy == "every_save" and not self._saves_checkpoints()),
+            f"`hub_strategy='every_save'` pushes at every checkpoint, but `save_strategy={self.save_strategy!r}` with "
+            f"`save_steps={self.save_steps}` writes none: set `save_steps` with save_strategy='steps' (or "
+            "save_strategy='epoch'), or use hub_strategy='end'.",
         )
         _check(
             self.use_lora or not self.train_text_encoder,
@@ -545,18 +690,73 @@ class DiffusionTrainingConfig:
                 f"`torch_compile_mode` is an inductor setting; backend {self.torch_compile_backend!r} takes none: "
                 "leave `torch_compile_mode=None`, or use torch_compile_backend='inductor'.",
             )
-        if self.optim == "adamw_8bit":
+        if self.optim in BNB_OPTIMIZERS:
             _check(
                 importlib.util.find_spec("bitsandbytes") is not None,
-                "`optim='adamw_8bit'` needs bitsandbytes: `pip install bitsandbytes`, or use optim='adamw_torch'.",
+                f"`optim={self.optim!r}` needs bitsandbytes: `pip install bitsandbytes`, or use optim='adamw_torch'.",
             )
+        parse_optim_args(self.optim_args)
+
+    def _read_precision_flags(self) -> None:
+        """`bf16`/`fp16` (TrainingArguments' switches) and `mixed_precision` made to agree; a contradiction fails."""
+        _check(not (self.bf16 and self.fp16), "`bf16` and `fp16` are both True: choose one.")
+        flag = "bf16" if self.bf16 else "fp16" if self.fp16 else None
+        if flag is not None:
+            _check(
+                self.mixed_precision in ("no", flag),
+                f"`{flag}=True` contradicts `mixed_precision={self.mixed_precision!r}`: set only one of them.",
+            )
+            self.mixed_precision = flag
+        self.bf16, self.fp16 = self.mixed_precision == "bf16", self.mixed_precision == "fp16"
+
+    def _check_schedules(self) -> None:
+        """`eval_strategy`, `save_strategy` and their step counts agree, and `data_seed` is valid."""
+        _check_choice("eval_strategy", self.eval_strategy, EVAL_STRATEGIES)
+        _check_choice("save_strategy", self.save_strategy, SAVE_STRATEGIES)
+        _check(
+            self.eval_strategy == "steps" or self.eval_steps == 0,
+            f"`eval_steps={self.eval_steps}` evaluates by steps, but `eval_strategy={self.eval_strategy!r}`: set "
+            "eval_strategy='steps', or leave `eval_steps=0`.",
+        )
+        _check(
+            self.eval_strategy != "no" or not self.eval_on_start,
+            "`eval_on_start=True` evaluates during `train()`, but `eval_strategy='no'` never does: set one of them.",
+        )
+        _check(
+            self.warmup_steps == 0 or self.lr_scheduler_type != "constant",
+            "lr_scheduler_type='constant' has no warm-up, so `warmup_steps` would be ignored: use "
+            "lr_scheduler_type='constant_with_warmup', or `warmup_steps=0`.",
+        )
+        _check(
+            self.data_seed is None or self.data_seed >= 0, f"`data_seed` must be >= 0 or None, got {self.data_seed}."
+        )
+
+    def _saves_checkpoints(self) -> bool:
+        """Whether `train()` writes any checkpoint."""
+        return self.save_strategy == "epoch" or (self.save_strategy == "steps" and self.save_steps > 0)
+
+    def _check_validation_steps(self) -> None:
+        """`validation_steps` renders images for the trackers: it needs prompts to render and a tracker to log to."""
+        if not self.validation_steps:
+            return
+        _check(self.validation_steps >= 0, f"`validation_steps` must be >= 0 or None, got {self.validation_steps}.")
+        _check(
+            bool(self.validation_prompts),
+            "`validation_steps` renders `validation_prompts`, but none are set: give validation_prompts=[...], or "
+            "set validation_steps=None.",
+        )
+        _check(
+            bool(self.report_to),
+            "`validation_steps` logs images to the trackers, but `report_to` names none: set e.g. "
+            "report_to=['tensorboard'], or set validation_steps=None (the end-of-training samples are saved anyway).",
+        )
 
     def _check_types(self) -> None:
         """Every field against its annotation (see `checked_value`), then `output_dir`, which must name a folder.
 
-        `report_to='none'` (TRL's spelling) means no tracker.
+        `report_to='none'` (TRL's spelling; `['none']` from the command line) means no tracker.
         """
-        if self.report_to in ("none", ""):
+        if self.report_to in ("none", "", ["none"]):
             self.report_to = []
         for name, hint in field_types(type(self)).items():
             setattr(self, name, checked_value(name, getattr(self, name), hint))

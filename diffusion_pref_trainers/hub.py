@@ -11,6 +11,8 @@ Everything read back is safetensors or text: nothing is unpickled, no remote cod
 from __future__ import annotations
 
 import fnmatch
+import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -29,9 +31,12 @@ from huggingface_hub import (
     get_token,
     hf_hub_download,
 )
+from huggingface_hub.errors import EntryNotFoundError
+from PIL import Image
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SAMPLES_FILE = "samples/validation.png"
+WIDGET_FILE = "samples/prompt_{}.png"  # the aligned image of validation prompt i, first seed
 # What `push_folder` uploads: exactly the files a run writes for users (adapter or full denoiser weights as
 # safetensors, the model card, the settings, the sample grid). A `*` never crosses a `/`, and no path with a dotfile
 # or dot-folder goes, so checkpoints, the run record (`run.json`: local paths, for resuming), caches, secrets and
@@ -48,13 +53,7 @@ UPLOAD_ALLOW_LIST = (
 UNSAFE_LOAD_KWARGS = ("trust_remote_code", "custom_pipeline", "custom_revision", "use_safetensors")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
-CARD_TEMPLATE = """---
-{card_data}
----
-
-# {title}
-
-{weights} for `{base_model}` aligned with **{method}** by
+CARD_TEMPLATE = """{weights} for `{base_model}` aligned with **{method}** by
 [diffusion_pref_trainers](https://github.com/diffusion-pref-trainers/diffusion_pref_trainers).
 
 ## Use
@@ -66,6 +65,10 @@ image = pipe({prompt}).images[0]
 
 or, reading the base model from this card: `pipe = diffusion_pref_trainers.load_aligned_pipeline("{load_from}")`.
 {samples}
+## License
+
+{license}
+
 ## Training
 
 - method: {method}
@@ -75,12 +78,32 @@ or, reading the base model from this card: `pipe = diffusion_pref_trainers.load_
 | hyperparameter | value |
 |---|---|
 {hyperparameters}
-
+{lora}
 ## Final metrics
 
 | metric | value |
 |---|---|
 {metrics}
+
+## Framework versions
+
+{versions}
+{citation}"""
+
+LORA_SECTION = """
+### LoRA
+
+| setting | value |
+|---|---|
+{rows}
+"""
+
+CITATION_SECTION = """
+## Citation
+
+```bibtex
+{entries}
+```
 """
 
 SAMPLES_SECTION = """
@@ -95,9 +118,61 @@ Prompts: {prompts}
 
 CARD_KEYS = (
     "learning_rate", "beta", "loss_type", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "max_steps", "resolution", "use_lora", "lora_rank", "lora_alpha", "mixed_precision", "optim", "seed",
+    "max_steps", "resolution", "mixed_precision", "optim", "seed",
     "distance_temperature", "similarity", "timestep_sharing", "proportion_empty_prompts",
 )  # fmt: skip
+
+# The papers of each method, for the card's BibTeX block.
+CITATIONS = {
+    "diffusion-dpo": (
+        """@inproceedings{wallace2024diffusion,
+  title={Diffusion Model Alignment Using Direct Preference Optimization},
+  author={Wallace, Bram and Dang, Meihua and Rafailov, Rafael and Zhou, Linqi and Lou, Aaron and Purushwalkam, Senthil
+    and Ermon, Stefano and Xiong, Caiming and Joty, Shafiq and Naik, Nikhil},
+  booktitle={CVPR},
+  year={2024},
+  eprint={2311.12908},
+  archivePrefix={arXiv}
+}""",
+    ),
+    "diffusion-rpo": (
+        """@article{gu2024diffusionrpo,
+  title={Diffusion-RPO: Aligning Diffusion Models through Relative Preference Optimization},
+  author={Gu, Yi and Wang, Zhendong and Yin, Yueqin and Xie, Yujia and Zhou, Mingyuan},
+  journal={arXiv preprint arXiv:2406.06382},
+  year={2024}
+}""",
+        """@article{yin2024relative,
+  title={Relative Preference Optimization: Enhancing LLM Alignment through Contrasting Responses across Identical
+    and Diverse Prompts},
+  author={Yin, Yueqin and Wang, Zhendong and Gu, Yi and Huang, Hai and Chen, Weizhu and Zhou, Mingyuan},
+  journal={arXiv preprint arXiv:2402.10958},
+  year={2024}
+}""",
+    ),
+    "diffusion-kto": (
+        """@article{li2024aligning,
+  title={Aligning Diffusion Models by Optimizing Human Utility},
+  author={Li, Shufan and Kallidromitis, Konstantinos and Gokul, Akash and Kato, Yusuke and Kozuka, Kazuki},
+  journal={arXiv preprint arXiv:2404.04465},
+  year={2024}
+}""",
+    ),
+    "diffusion-mapo": (
+        """@article{hong2024mapo,
+  title={Margin-aware Preference Optimization for Aligning Diffusion Models without Reference},
+  author={Hong, Jiwoo and Paul, Sayak and Lee, Noah and Rasul, Kashif and Thorne, James and Jeong, Jongheon},
+  journal={arXiv preprint arXiv:2406.06424},
+  year={2024}
+}""",
+    ),
+}
+# The packages whose versions a card lists (`framework_versions`).
+VERSIONED_PACKAGES = ("diffusion_pref_trainers", "torch", "diffusers", "transformers", "peft", "accelerate")
+UNKNOWN_LICENSE = (
+    "The base model's license could not be read (its model card was not found locally or in the Hugging Face "
+    "cache), so this card says `other`: as a derivative of `{base_model}`, this model is under that model's license."
+)
 
 
 def hub_is_offline() -> bool:
@@ -147,10 +222,46 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.fullmatch(name)) and not Path(name).exists()
 
 
+@functools.lru_cache(maxsize=8)
+def base_model_license(base_model: str, token: str | None = None) -> str | None:
+    """The license in the base model's own card: a local folder's README.md, or the Hub repo's (read from the
+    Hugging Face cache when offline); None when it has no card, names no license, or cannot be reached. Read once
+    per base model: every save's card asks again."""
+    local = _local(base_model)
+    if local is not None:
+        card_path = local / "README.md" if local.is_dir() else local
+        if not card_path.is_file():
+            return None
+        location = str(card_path)
+    elif is_hub_id(base_model):
+        location = base_model
+    else:
+        return None
+    try:
+        license_ = ModelCard.load(location, token=token).data.license
+    except (OSError, ValueError, EntryNotFoundError):  # offline and not cached, no such repo, no README.md
+        return None
+    return license_ if isinstance(license_, str) else None
+
+
+def framework_versions() -> str:
+    """The installed versions of `VERSIONED_PACKAGES`, one Markdown list item each."""
+    return "\n".join(f"- {name}: {_version(name)}" for name in VERSIONED_PACKAGES)
+
+
+def _version(package: str) -> str:
+    """A package's installed version, or `not installed`."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def build_model_card(
     *,
     base_model: str,
     method: str,
+    family: str,
     repo_id: str,
     load_from: str,
     prompt: str,
@@ -158,83 +269,123 @@ def build_model_card(
     config: dict[str, Any],
     metrics: dict[str, float],
     steps: int,
+    license: str | None = None,
+    lora: dict[str, Any] | None = None,
     full_weights: tuple[str, str] | None = None,
     samples: str | None = None,
+    widget: list[dict[str, Any]] | None = None,
     for_hub: bool = False,
 ) -> ModelCard:
-    """A card with YAML metadata (base model, tags, dataset) and the run's settings, samples and final metrics.
+    """A card with YAML metadata (base model, license, tags, widget, dataset) and the run's settings, samples, final
+    metrics, framework versions and the method's papers, its tags added with diffusers' `populate_model_card`.
 
     `load_from` is where the usage snippet loads the weights (the Hub repo, or the folder's absolute path) and
-    `prompt` the prompt it generates with. `full_weights` is the (sub-folder, class name) of a fully fine-tuned
-    denoiser; None means a LoRA adapter.
-    `samples` is the card-relative path of the sample grid, if any. A card `for_hub` names a local base model
-    only in its text: the Hub's `base_model` metadata must be a Hub id.
+    `prompt` the prompt it generates with. `license` is the base model's (`base_model_license`; None: `other`, with a
+    note). `lora` holds the adapter's settings as trained (rank, alpha, targets...); `full_weights` is the
+    (sub-folder, class name) of a fully fine-tuned denoiser, None for a LoRA adapter. `samples` is the card-relative
+    path of the sample grid, if any, and `widget` the Hub gallery's entries (`hub.widget`). A card `for_hub` names a
+    local base model only in its text: the Hub's `base_model` metadata must be a Hub id.
     """
-    if full_weights is None:
-        weights, kind = "A LoRA adapter", ["lora"]
-        usage = (
-            f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base_model}")\n'
-            f'pipe.load_lora_weights("{load_from}", weight_name="{LORA_FILE}")'
-        )
-    else:
-        folder, model_class = full_weights
-        weights, kind = f"A fully fine-tuned `{model_class}`", []
-        usage = (
-            f"from diffusers import DiffusionPipeline, {model_class}\n\n"
-            f'{folder} = {model_class}.from_pretrained("{load_from}", subfolder="{folder}")\n'
-            f'pipe = DiffusionPipeline.from_pretrained("{base_model}", {folder}={folder})'
-        )
+    from diffusers.utils.hub_utils import populate_model_card
+
+    weights, usage = _weights_and_usage(base_model, load_from, full_weights)
     data = ModelCardData(
         base_model=base_model if not for_hub or is_hub_id(base_model) else None,
-        library_name="diffusers",
-        license="apache-2.0",
-        tags=["diffusers", *kind, "text-to-image", method, "diffusion_pref_trainers"],
+        license=license or "other",
         datasets=[dataset] if dataset and (not for_hub or is_hub_id(dataset)) else None,
         pipeline_tag="text-to-image",
+        widget=widget or None,
     )
     prompts = config.get("validation_prompts") or []
-    samples_text = SAMPLES_SECTION.format(path=samples, prompts="; ".join(prompts)) if samples else ""
-    rows = "\n".join(f"| {key} | {config[key]} |" for key in CARD_KEYS if key in config)
-    metric_rows = "\n".join(f"| {key} | {value:.6g} |" for key, value in sorted(metrics.items())) or "| - | - |"
+    lora_rows = "\n".join(f"| {key} | {value} |" for key, value in (lora or {}).items())
     content = CARD_TEMPLATE.format(
-        card_data=data.to_yaml(),
-        title=repo_id.split("/")[-1],
         weights=weights,
         usage=usage,
         load_from=load_from,
         prompt=json.dumps(prompt),
-        samples=samples_text,
+        samples=SAMPLES_SECTION.format(path=samples, prompts="; ".join(prompts)) if samples else "",
+        license=f"`{license}`, the base model's license." if license else UNKNOWN_LICENSE.format(base_model=base_model),
         base_model=base_model,
         method=method,
         dataset=dataset or "(in-memory dataset)",
         steps=steps,
-        hyperparameters=rows,
-        metrics=metric_rows,
+        hyperparameters="\n".join(f"| {key} | {config[key]} |" for key in CARD_KEYS if key in config),
+        lora=LORA_SECTION.format(rows=lora_rows) if lora else "",
+        metrics="\n".join(f"| {key} | {value:.6g} |" for key, value in sorted(metrics.items())) or "| - | - |",
+        versions=framework_versions(),
+        citation=CITATION_SECTION.format(entries="\n\n".join(CITATIONS[method])) if method in CITATIONS else "",
     )
-    return ModelCard(content)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {repo_id.split('/')[-1]}\n\n{content}")
+    kind = ["lora", "template:sd-lora"] if full_weights is None else []
+    return populate_model_card(
+        card, tags=["diffusers", *kind, "text-to-image", method, family, "diffusion_pref_trainers"]
+    )
+
+
+def _weights_and_usage(base_model: str, load_from: str, full_weights: tuple[str, str] | None) -> tuple[str, str]:
+    """What the card calls the weights, and the code that loads them onto the base model."""
+    if full_weights is None:
+        usage = (
+            f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base_model}")\n'
+            f'pipe.load_lora_weights("{load_from}", weight_name="{LORA_FILE}")'
+        )
+        return "A LoRA adapter", usage
+    folder, model_class = full_weights
+    usage = (
+        f"from diffusers import DiffusionPipeline, {model_class}\n\n"
+        f'{folder} = {model_class}.from_pretrained("{load_from}", subfolder="{folder}")\n'
+        f'pipe = DiffusionPipeline.from_pretrained("{base_model}", {folder}={folder})'
+    )
+    return f"A fully fine-tuned `{model_class}`", usage
+
+
+def render_comparison(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    base_weights: Callable[[], AbstractContextManager] | None,
+    **call_kwargs: Any,
+) -> tuple[Image.Image, list[list[Image.Image]]]:
+    """Generate `prompts` x `seeds` with the pipeline as it is (aligned) and, inside `base_weights()`, as the base
+    model; returns one grid (base next to aligned per seed, a row per prompt) and the aligned images. Without
+    `base_weights` (a full fine-tune kept no base copy) the grid holds the aligned images only."""
+    from diffusion_pref_trainers.evaluation import generate, make_comparison_grid, make_grid
+
+    aligned = generate(pipe, prompts, seeds, desc="generating aligned samples", **call_kwargs)
+    if base_weights is None:
+        columns = [f"aligned {seed}" for seed in seeds]
+        return make_grid(aligned, row_labels=list(prompts), column_labels=columns), aligned
+    with base_weights():
+        base = generate(pipe, prompts, seeds, desc="generating base samples", **call_kwargs)
+    return make_comparison_grid(prompts, base, aligned, seeds), aligned
 
 
 def render_samples(
     pipe: Any,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    path: str | Path,
+    folder: str | Path,
     base_weights: Callable[[], AbstractContextManager] | None,
     **call_kwargs: Any,
-) -> Path:
-    """Generate `prompts` x `seeds` with the pipeline as it is (aligned) and, inside `base_weights()`, as the base
-    model; save one grid (base next to aligned per seed, a row per prompt) to `path`. Without `base_weights`
-    (a full fine-tune kept no base copy) the grid holds the aligned images only."""
-    from diffusion_pref_trainers.evaluation import generate, save_comparison_grid, save_grid
+) -> Image.Image:
+    """`render_comparison`, saved into `folder`: the grid as `SAMPLES_FILE`, and each prompt's aligned image of the
+    first seed as `WIDGET_FILE` (the card's widget gallery); returns the grid."""
+    grid, aligned = render_comparison(pipe, prompts, seeds, base_weights, **call_kwargs)
+    Path(folder, SAMPLES_FILE).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(Path(folder, SAMPLES_FILE))
+    for index, images in enumerate(aligned):
+        images[0].save(Path(folder, WIDGET_FILE.format(index)))
+    return grid
 
-    aligned = generate(pipe, prompts, seeds, desc="generating aligned samples", **call_kwargs)
-    if base_weights is None:
-        save_grid(aligned, path, row_labels=list(prompts), column_labels=[f"aligned {seed}" for seed in seeds])
-    else:
-        with base_weights():
-            base = generate(pipe, prompts, seeds, desc="generating base samples", **call_kwargs)
-        save_comparison_grid(prompts, base, aligned, path, seeds)
-    return Path(path)
+
+def widget(folder: str | Path, prompts: Sequence[str]) -> list[dict[str, Any]]:
+    """The card's `widget` entries, as diffusers' training scripts write them: each validation prompt whose image
+    `render_samples` saved in `folder`, with that image's card-relative path."""
+    entries = []
+    for index, prompt in enumerate(prompts):
+        if Path(folder, WIDGET_FILE.format(index)).is_file():
+            entries.append({"text": prompt, "output": {"url": WIDGET_FILE.format(index)}})
+    return entries
 
 
 def _allowed(path: str) -> bool:

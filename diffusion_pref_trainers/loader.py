@@ -59,9 +59,11 @@ class Loaders:
     """
 
     def __init__(self, args: DiffusionTrainingConfig, accelerator: Accelerator) -> None:
-        self.seed, self.rank, self.world = args.seed, accelerator.process_index, accelerator.num_processes
+        self.seed = args.seed if args.data_seed is None else args.data_seed
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.workers = args.dataloader_num_workers
-        self.options = dict(collate_fn=collate, num_workers=self.workers, pin_memory=accelerator.device.type == "cuda")
+        pin_memory = args.dataloader_pin_memory and accelerator.device.type == "cuda"
+        self.options = dict(collate_fn=collate, num_workers=self.workers, pin_memory=pin_memory)
         self.kept: dict[bool, tuple[torch.utils.data.DataLoader, EpochBatchSampler]] = {}
 
     def batches(

@@ -1,4 +1,5 @@
-"""What the loop sends to accelerate's trackers: namespaced metrics and a run name, as transformers' callbacks do.
+"""What the loop sends to accelerate's trackers: namespaced metrics and a run name, as transformers' callbacks do,
+and validation images (`log_image`), each tracker through its own image logging.
 
 `state.log_history` keeps TRL's plain keys (`loss`, `eval_loss`); trackers get `train/loss`, `eval/loss`
 (transformers' `rewrite_logs`), so a dashboard groups training and evaluation curves apart.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 EVAL_PREFIX = "eval_"
 
@@ -36,3 +40,21 @@ def logging_dir(output_dir: str, run_name: str) -> str:
 def tracker_init_kwargs(run_name: str) -> dict[str, dict[str, Any]]:
     """accelerate's `init_kwargs`: the run name under each tracker's own keyword."""
     return {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}, "trackio": {"name": run_name}}
+
+
+def log_image(trackers: list[Any], key: str, image: Image.Image, step: int) -> list[str]:
+    """Log one image under `key` at `step` to each of accelerate's `trackers` that can take images (tensorboard,
+    wandb, trackio), as diffusers' training scripts do; returns the names of those that cannot."""
+    pixels, skipped = np.asarray(image.convert("RGB")), []
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({key: pixels[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({key: [image]}, step=step)
+        elif tracker.name == "trackio":
+            import trackio
+
+            tracker.log({key: trackio.Image(pixels)}, step=step)
+        else:
+            skipped.append(tracker.name)
+    return skipped

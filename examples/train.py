@@ -1,5 +1,6 @@
 """Train a preference-aligned LoRA: `python examples/train.py --config examples/configs/<recipe>.yaml`, or
 `accelerate launch --config_file examples/accelerate_configs/<machine>.yaml examples/train.py --config ...`.
+The same command line as the installed `dpt-train` command (TRL's `TrlParser`), with a default recipe.
 
 With no `--config` it runs `configs/default.yaml`: Diffusion-RPO aligns the shipped toy-world pipeline to
 prefer large shapes (offline, minutes on a CPU). Any recipe key can be

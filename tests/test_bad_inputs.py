@@ -8,6 +8,7 @@ docs/troubleshooting.md for what each failure means to a user.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -99,6 +100,24 @@ CONFIG_CASES = [
         lambda env: env.config(lora_target_modules=3),
         TypeError,
         "`lora_target_modules` must be a list of strings",
+    ),
+    Case("fsdp, a TrainingArguments setting not used", lambda env: env.config(fsdp="full_shard"), TypeError, "launch"),
+    Case("a misspelled field", lambda env: env.config(learnin_rate=1e-4), TypeError, "did you mean `learning_rate`"),
+    Case("bf16 against fp16", lambda env: env.config(bf16=True, mixed_precision="fp16"), ValueError, "contradicts"),
+    Case("an optimizer not offered", lambda env: env.config(optim="galore_adamw"), ValueError, "adamw_torch_fused"),
+    Case("fractional warm-up steps above 1", lambda env: env.config(warmup_steps=2.5), ValueError, "ratio"),
+    Case("optim_args not k=v", lambda env: env.config(optim_args="momentum"), ValueError, "'key=value"),
+    Case(
+        "eval_steps without eval_strategy='steps'",
+        lambda env: env.config(eval_strategy="no", eval_steps=5),
+        ValueError,
+        "set eval_strategy='steps'",
+    ),
+    Case(
+        "eval_on_start without an eval set",
+        lambda env: env.trainer(args=env.config(eval_on_start=True)),
+        ValueError,
+        "no eval set",
     ),
 ]
 
@@ -399,11 +418,11 @@ GUARD_CASES: list[Case] = [
 
 # ------------------------------------------------------------------------------------------------ command line
 def _cli(env: Env, *tokens: str, recipe: str | None = None) -> Any:
-    """What the command line `tokens` (after `--config recipe`) builds, writing to `env.out`."""
-    from diffusion_pref_trainers.cli import parse_overrides, read_recipe, split_settings
+    """What the command line `[--config recipe] --output_dir env.out tokens` builds."""
+    from diffusion_pref_trainers.cli import parse_command_line
 
-    settings = {"output_dir": str(env.out), **read_recipe(recipe), **parse_overrides(list(tokens))}
-    return split_settings(settings)
+    config = ["--config", recipe] if recipe else []
+    return parse_command_line([*config, "--output_dir", str(env.out), *tokens])
 
 
 def _recipe(env: Env, text: str) -> str:
@@ -415,10 +434,49 @@ def _recipe(env: Env, text: str) -> str:
 
 CLI_CASES: list[Case] = [
     Case("misspelt setting", lambda env: _cli(env, "--lora_alha", "4"), ValueError, "did you mean lora_alpha"),
-    Case("fractional --max_steps", lambda env: _cli(env, "--max_steps", "2.5"), ValueError, "takes a whole number"),
-    Case("--use_lora maybe", lambda env: _cli(env, "--use_lora", "maybe"), ValueError, "takes a boolean"),
-    Case("--learning_rate as a word", lambda env: _cli(env, "--learning_rate", "fast"), ValueError, "takes a number"),
-    Case("--max_steps without a value", lambda env: _cli(env, "--max_steps"), ValueError, "needs a value"),
+    Case("abbreviated setting", lambda env: _cli(env, "--lora_alp", "4"), ValueError, "did you mean lora_alpha"),
+    Case(
+        "setting of another method",
+        lambda env: _cli(env, "--method", "dpo", "--similarity", "text"),
+        ValueError,
+        "Unknown settings for method 'dpo': `similarity`",
+    ),
+    Case(
+        "value without its option",
+        lambda env: _cli(env, "learning_rate", "1"),
+        ValueError,
+        "values without an option ['learning_rate', '1']",
+    ),
+    Case(
+        "fractional --max_steps",
+        lambda env: _cli(env, "--max_steps", "2.5"),
+        argparse.ArgumentError,
+        "argument --max_steps/--max-steps: invalid int value: '2.5'",
+    ),
+    Case(
+        "--use_lora maybe",
+        lambda env: _cli(env, "--use_lora", "maybe"),
+        argparse.ArgumentError,
+        "argument --use_lora/--use-lora: Truthy value expected",
+    ),
+    Case(
+        "--learning_rate as a word",
+        lambda env: _cli(env, "--learning_rate", "fast"),
+        argparse.ArgumentError,
+        "argument --learning_rate/--learning-rate: invalid float value",
+    ),
+    Case(
+        "--max_steps without a value",
+        lambda env: _cli(env, "--max_steps"),
+        argparse.ArgumentError,
+        "argument --max_steps/--max-steps: expected one argument",
+    ),
+    Case(
+        "--column_mapping not JSON",
+        lambda env: _cli(env, "--column_mapping", "{text: prompt}"),
+        ValueError,
+        "`column_mapping` takes a mapping, or a JSON object as text",
+    ),
     Case("unknown --method", lambda env: _cli(env, "--method", "xyz"), ValueError, "Unknown method 'xyz'"),
     Case(
         "--mixed_precision yes",
@@ -431,6 +489,12 @@ CLI_CASES: list[Case] = [
         lambda env: _cli(env, recipe=_recipe(env, "- method\n- dpo\n")),
         ValueError,
         "must hold a mapping",
+    ),
+    Case(
+        "recipe with an unknown key",
+        lambda env: _cli(env, recipe=_recipe(env, "lora_alha: 4\n")),
+        ValueError,
+        "`lora_alha` (did you mean lora_alpha",
     ),
     Case(
         "recipe that does not exist",

@@ -103,8 +103,6 @@ def test_should_save_writes_a_checkpoint_now_and_should_evaluate_evaluates(pairs
 
 def _early_stopping(pairs: Any, args: Any, monkeypatch: pytest.MonkeyPatch, losses: list[float]) -> Any:
     """A trainer with `EarlyStoppingCallback(early_stopping_patience=2)` whose evaluations give `losses`."""
-    if not hasattr(args, "eval_strategy"):  # transformers' name, read by the callback; the loop uses `eval_steps`
-        object.__setattr__(args, "eval_strategy", "steps")
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, eval_dataset=pairs)
     trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=2))
     measure, scripted = trainer._measure, iter(losses)
@@ -114,8 +112,8 @@ def _early_stopping(pairs: Any, args: Any, monkeypatch: pytest.MonkeyPatch, loss
 
 def test_early_stopping_callback_stops_on_a_metric_that_does_not_improve(pairs, make_config, monkeypatch) -> None:
     args = make_config(
-        per_device_train_batch_size=2, max_steps=8, eval_steps=1, save_steps=1, save_total_limit=1,
-        metric_for_best_model="loss",
+        per_device_train_batch_size=2, max_steps=8, eval_strategy="steps", eval_steps=1, save_steps=1,
+        save_total_limit=1, metric_for_best_model="loss",
     )  # fmt: skip
     trainer = _early_stopping(pairs, args, monkeypatch, [0.5, 0.4, 0.45, 0.6, 0.3])
     trainer.train()
@@ -132,7 +130,12 @@ def test_early_stopping_callback_stops_on_a_metric_that_does_not_improve(pairs, 
 
 def test_early_stopping_resumes_its_patience_count(pairs, make_config, monkeypatch) -> None:
     args = make_config(
-        per_device_train_batch_size=2, max_steps=8, eval_steps=1, save_steps=1, metric_for_best_model="loss"
+        per_device_train_batch_size=2,
+        max_steps=8,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_steps=1,
+        metric_for_best_model="loss",
     )
     _early_stopping(pairs, args, monkeypatch, [0.5, 0.4, 0.45, 0.6]).train()
     resumed = _early_stopping(pairs, args, monkeypatch, [0.7])

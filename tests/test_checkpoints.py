@@ -7,34 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline
+from helpers import InterruptAt, Interrupted
 from peft.utils import get_peft_model_state_dict
 
 from diffusion_pref_trainers import DiffusionDPOTrainer, TrainerCallback, checkpoints
 from diffusion_pref_trainers.adapters import ADAPTER_FILE
+from diffusion_pref_trainers.hub import LORA_FILE
 from diffusion_pref_trainers.state import STATE_FILE
 from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd_pipeline
 from diffusion_pref_trainers.trainers.checkpointing import MODEL_FILE
 
-# A LoRA checkpoint of one process: safetensors and JSON only, nothing that would be unpickled to resume.
+# A LoRA checkpoint of one process: safetensors and JSON only, nothing that would be unpickled to resume; the
+# adapter twice: for the resume, and in diffusers' format for `load_lora_weights` (sorted by name).
 CHECKPOINT_FILES = [
-    ADAPTER_FILE, "optimizer.json", "optimizer.safetensors", "random_states_0.json", "random_states_0.safetensors",
-    "run.json", "scheduler.json", STATE_FILE,
+    ADAPTER_FILE, "optimizer.json", "optimizer.safetensors", LORA_FILE, "random_states_0.json",
+    "random_states_0.safetensors", "run.json", "scheduler.json", STATE_FILE,
 ]  # fmt: skip
-
-
-class _Interrupted(Exception):
-    """Stands for a job killed between two steps."""
-
-
-class _StopAt(TrainerCallback):
-    """Interrupts training after the optimizer step `step` (and after its checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs) -> None:
-        if state.global_step == self.step:
-            raise _Interrupted
 
 
 def _names(folder: str | Path) -> list[str]:
@@ -131,6 +120,41 @@ def test_save_steps_write_complete_checkpoints_atomically_and_keep_the_newest(pa
         assert json.loads((folder / STATE_FILE).read_text())["global_step"] == step
 
 
+def _sample(pipe) -> torch.Tensor:
+    """One fixed-seed image of the pipeline, as an array."""
+    generator = torch.Generator().manual_seed(0)
+    call = dict(num_inference_steps=2, height=32, width=32, output_type="pt", generator=generator)
+    return pipe("a red square", **call).images
+
+
+def test_a_lora_checkpoint_loads_with_load_lora_weights_and_reproduces_its_step(
+    tiny_pipe_dir, pairs, make_config
+) -> None:
+    args = make_config(per_device_train_batch_size=2, max_steps=4, save_steps=2)
+    at_save = {}
+
+    class Render(TrainerCallback):
+        def __init__(self, trainer) -> None:
+            self.trainer = trainer
+
+        def on_save(self, args, state, control, **kwargs) -> None:
+            with torch.no_grad():
+                at_save[checkpoints.checkpoint_path(args.output_dir, state.global_step).name] = _sample(
+                    self.trainer.pipe
+                )
+
+    trainer = DiffusionDPOTrainer(tiny_pipe_dir, args, pairs)
+    trainer.add_callback(Render(trainer))
+    trainer.train()
+    fresh = DiffusionPipeline.from_pretrained(tiny_pipe_dir)
+    base = _sample(fresh)
+    fresh.load_lora_weights(str(checkpoints.checkpoint_path(args.output_dir, 2)))
+    loaded = _sample(fresh)
+    assert not torch.allclose(base, at_save["checkpoint-2"], atol=1e-4)  # the adapter changes the sample...
+    torch.testing.assert_close(loaded, at_save["checkpoint-2"], atol=1e-5, rtol=1e-4)  # ...as at its step
+    assert not torch.allclose(at_save["checkpoint-2"], at_save["checkpoint-4"], atol=1e-4)
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(pairs, make_config) -> None:
     args = make_config(per_device_train_batch_size=2, max_steps=4, save_steps=2)
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
@@ -180,8 +204,8 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, rows, se
     straight.train()
 
     args = make_config(**settings, output_dir=str(tmp_path / "b"))
-    interrupted = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[_StopAt(stop)])
-    with pytest.raises(_Interrupted):
+    interrupted = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[InterruptAt(stop)])
+    with pytest.raises(Interrupted):
         interrupted.train()
     at_checkpoint = _trained_weights(interrupted)
     folder = tmp_path / "b" / f"checkpoint-{stop}"

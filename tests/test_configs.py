@@ -26,7 +26,7 @@ from diffusion_pref_trainers import (
         (dict(per_device_train_batch_size=0), r"`per_device_train_batch_size` must be >= 1, got 0"),
         (dict(per_device_eval_batch_size=0), r"`per_device_eval_batch_size` must be >= 1"),
         (dict(gradient_accumulation_steps=0), r"`gradient_accumulation_steps` must be >= 1"),
-        (dict(optim="sgd"), r"`optim='sgd'` is not supported; choose one of adamw_torch, adamw_8bit, adafactor"),
+        (dict(optim="galore_adamw"), r"`optim='galore_adamw'` is not supported; choose one of adamw_torch, adamw_"),
         (dict(mixed_precision="fp8"), r"`mixed_precision='fp8'` is not supported; choose one of no, fp16, bf16"),
         (dict(lr_scheduler_type="onecycle"), r"`lr_scheduler_type='onecycle'` is not supported; choose one of"),
         (dict(learning_rate=0.0), r"`learning_rate` must be > 0"),
@@ -122,6 +122,10 @@ def test_mutable_defaults_are_not_shared_between_configs() -> None:
         (dict(lora_target_modules=3), r"`lora_target_modules` must be a list of strings \(or one string\) or None"),
         (dict(validation_prompts=["a", 2]), r"`validation_prompts` must be a list of strings"),
         (dict(column_mapping=[("a", "b")]), r"`column_mapping` must be a mapping of strings to strings or None"),
+        (
+            dict(column_mapping='["a"]'),
+            r"`column_mapping` must be a mapping of strings to strings or None, got \['a'\]",
+        ),
     ],
     ids=lambda value: str(value) if isinstance(value, dict) else "",
 )
@@ -142,12 +146,19 @@ def test_values_of_the_wrong_type_name_the_field_the_value_and_the_type(override
         (dict(save_total_limit=None), "save_total_limit", None),
         (dict(max_steps=np.int64(5)), "max_steps", 5),
         (dict(learning_rate=np.float32(0.5)), "learning_rate", 0.5),
+        (dict(column_mapping='{"a": "prompt"}'), "column_mapping", {"a": "prompt"}),  # TRL's dict | str: JSON text
+        (dict(report_to=["none"]), "report_to", []),
     ],
     ids=lambda value: str(value) if isinstance(value, dict) else "",
 )
 def test_values_of_a_compatible_type_are_converted(overrides, field, expected) -> None:
     value = getattr(DiffusionDPOConfig(**overrides), field)
     assert value == expected and type(value) is type(expected)
+
+
+def test_mapping_text_that_is_not_json_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"`column_mapping` takes a mapping, or a JSON object as text .*not JSON"):
+        DiffusionDPOConfig(column_mapping="{a: prompt}")
 
 
 def test_subclass_fields_are_type_checked_too() -> None:

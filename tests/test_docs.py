@@ -84,8 +84,12 @@ def test_the_site_navigation_lists_every_docs_page() -> None:
 
 
 def test_the_api_reference_covers_every_export() -> None:
-    documented = re.findall(r"^::: diffusion_pref_trainers\.(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M)
-    assert sorted(documented) == sorted(diffusion_pref_trainers.__all__)
+    # Each export is documented where it is defined: the package imports its trainers lazily, which mkdocstrings
+    # cannot follow.
+    documented = re.findall(r"^::: ([\w.]+)\.(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M)
+    assert sorted(name for _, name in documented) == sorted(diffusion_pref_trainers.__all__)
+    for module, name in documented:
+        assert getattr(diffusion_pref_trainers, name).__module__ == module, name
 
 
 def test_ci_builds_the_docs_strictly() -> None:

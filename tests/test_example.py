@@ -15,14 +15,15 @@ import datasets
 import pytest
 
 from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionRPOConfig
-from diffusion_pref_trainers.cli import ScriptArguments, read_recipe, run, split_settings
+from diffusion_pref_trainers.cli import ScriptArguments, parse_command_line, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 
 
 def test_settings_split_into_script_arguments_and_the_method_config() -> None:
-    script, config = split_settings({"method": "rpo", "dataset_name": "x/y", "beta": 10.0, "similarity": "text"})
+    script, config, _ = parse_command_line(["--method", "rpo", "--dataset_name", "x/y", "--beta", "10", "--similarity",
+                                            "text"])  # fmt: skip
     assert script.dataset_name == "x/y"
     assert isinstance(config, DiffusionRPOConfig) and config.beta == 10.0 and config.similarity == "text"
 
@@ -31,10 +32,10 @@ def test_dataset_reading_settings_belong_to_the_config_not_the_script() -> None:
     assert [field.name for field in dataclasses.fields(ScriptArguments)] == [
         "method", "model_name_or_path", "dataset_name", "builtin_pairs", "toy_task", "toy_prompts"
     ]  # fmt: skip
-    settings = {"method": "dpo", "dataset_name": "x/y", "dataset_config": "v2", "dataset_train_split": "fit",
-                "dataset_test_split": "held", "dataset_streaming": True, "max_steps": 5,
-                "column_mapping": {"text": "prompt"}}  # fmt: skip
-    script, config = split_settings(settings)
+    tokens = ["--method", "dpo", "--dataset_name", "x/y", "--dataset_config", "v2", "--dataset_train_split", "fit",
+              "--dataset_test_split", "held", "--dataset_streaming", "--max_steps", "5",
+              "--column_mapping", '{"text": "prompt"}']  # fmt: skip
+    script, config, _ = parse_command_line(tokens)
     assert script.dataset_name == "x/y"
     assert (config.dataset_config, config.dataset_train_split, config.dataset_test_split) == ("v2", "fit", "held")
     assert config.dataset_streaming and config.column_mapping == {"text": "prompt"}
@@ -45,9 +46,10 @@ def test_a_local_dataset_runs_with_its_test_split_evaluated(tmp_path: Path) -> N
 
     data = tmp_path / "data"
     datasets.DatasetDict(train=make_preference_dataset(4), test=make_preference_dataset(4, seed=1)).save_to_disk(data)
-    summary = run({"method": "dpo", "dataset_name": str(data), "dataset_test_split": "test", "resolution": 32,
-                   "per_device_train_batch_size": 4, "max_steps": 1, "beta": 50.0, "eval_noise_draws": 1,
-                   "output_dir": str(tmp_path / "out"), "save_steps": 0})  # fmt: skip
+    summary = run(parse_command_line(["--method", "dpo", "--dataset_name", str(data), "--dataset_test_split", "test",
+                                      "--resolution", "32", "--per_device_train_batch_size", "4", "--max_steps", "1",
+                                      "--beta", "50", "--eval_noise_draws", "1", "--output_dir", str(tmp_path / "out"),
+                                      "--save_steps", "0"]))  # fmt: skip
     assert summary["steps"] == 1
     assert summary["eval_before"]["eval_loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy == reference
     assert "eval_loss" in summary["eval_after"]
@@ -55,7 +57,7 @@ def test_a_local_dataset_runs_with_its_test_split_evaluated(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_shipped_recipe_is_a_valid_config(recipe: Path) -> None:
-    script, config = split_settings(read_recipe(str(recipe)))
+    script, config, _ = parse_command_line(["--config", str(recipe)])
     assert isinstance(config, DiffusionDPOConfig)  # RPO's config extends DPO's
 
 
@@ -112,7 +114,7 @@ def test_help_lists_every_setting_of_the_method_quickly_and_without_torch() -> N
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch imported: False" in result.stdout
     assert seconds < 20  # under 5 s on an idle machine; generous for loaded CI runners
-    assert "dpo settings (DiffusionDPOConfig)" in result.stdout
+    assert "Settings of method 'dpo': ScriptArguments, then DiffusionDPOConfig" in " ".join(result.stdout.split())
     for field in dataclasses.fields(DiffusionDPOConfig):
         assert f"--{field.name} " in result.stdout
     help_text = DiffusionDPOConfig.__dataclass_fields__["learning_rate"].metadata["help"]

@@ -129,6 +129,72 @@ def test_the_local_card_names_the_base_model_and_shows_the_samples(run, tiny_pip
     assert f'load_aligned_pipeline("{Path(run.args.output_dir).resolve()}")' in card.text  # loads from anywhere
 
 
+def test_the_card_shows_each_prompts_aligned_image_in_a_widget(run) -> None:
+    out = Path(run.args.output_dir)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.widget == [
+        {"text": prompt, "output": {"url": f"samples/prompt_{index}.png"}} for index, prompt in enumerate(PROMPTS)
+    ]
+    grid = Image.open(out / hub.SAMPLES_FILE)
+    for index in range(len(PROMPTS)):  # the aligned image of the first seed
+        assert np.array_equal(np.asarray(Image.open(out / f"samples/prompt_{index}.png")), _cell(grid, index, 1))
+
+
+def test_the_card_has_the_hub_tags_versions_and_the_methods_paper(run) -> None:
+    card = ModelCard.load(Path(run.args.output_dir) / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert {"diffusers", "lora", "template:sd-lora", "text-to-image", "diffusion-dpo", "stable-diffusion"} <= set(
+        card.data.tags
+    )
+    import diffusers
+    import peft
+
+    assert f"- diffusers: {diffusers.__version__}" in card.text and f"- peft: {peft.__version__}" in card.text
+    assert "```bibtex\n@inproceedings{wallace2024diffusion" in card.text and "2311.12908" in card.text
+
+
+def test_a_base_model_without_a_card_gets_license_other_with_a_note_never_a_guess(run, tiny_pipe_dir) -> None:
+    card = ModelCard.load(Path(run.args.output_dir) / "README.md")
+    assert card.data.license == "other" and "apache" not in card.content.lower()
+    assert f"as a derivative of `{tiny_pipe_dir}`, this model is under that model's license" in card.text
+
+
+def test_the_card_takes_the_base_models_license_and_the_lora_settings_that_trained(
+    tiny_pipe_dir, pairs, tmp_path
+) -> None:
+    from peft import LoraConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipe_dir, base)
+    (base / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# base\n")
+    peft_config = LoraConfig(r=2, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
+    trainer = DiffusionDPOTrainer(str(base), _config(tmp_path, lora_rank=16), pairs, peft_config=peft_config)
+    card = ModelCard(trainer.model_card("me/tiny-dpo", for_hub=True).content)  # renders and parses back
+    assert card.data.license == "creativeml-openrail-m" and "`creativeml-openrail-m`, the base model's" in card.text
+    for row in (
+        "| r | 2 |",
+        "| lora_alpha | 8 |",
+        "| target_modules | to_q, to_v |",
+        "| text encoders | not trained |",
+    ):
+        assert row in card.text
+    assert "16" not in card.text.split("### LoRA")[1].split("##")[0] and "lora_rank" not in card.text
+
+
+@pytest.mark.parametrize(
+    ("method", "papers"),
+    [("diffusion-rpo", ["2406.06382", "2402.10958"]), ("diffusion-kto", ["2404.04465"]),
+     ("diffusion-mapo", ["2406.06424"]), ("diffusion-sft", [])],
+)  # fmt: skip
+def test_each_method_cites_its_papers(method: str, papers: list[str]) -> None:
+    card = hub.build_model_card(
+        base_model="owner/base", method=method, family="stable-diffusion", repo_id="me/run", load_from="me/run",
+        prompt="a cat", dataset=None, config={}, metrics={}, steps=1,
+    )  # fmt: skip
+    assert [paper for paper in papers if paper in card.text] == papers
+    assert ("```bibtex" in card.text) == bool(papers)
+
+
 # ----------------------------------------------------------------------------------------- push out
 def test_the_upload_is_weights_card_config_and_samples_without_checkpoints_or_pickles(run, tmp_path) -> None:
     folder = tmp_path / "copy"
@@ -144,7 +210,8 @@ def test_the_upload_is_weights_card_config_and_samples_without_checkpoints_or_pi
         (folder / stray).parent.mkdir(parents=True, exist_ok=True)
         (folder / stray).write_bytes(b"x")
     assert hub.upload_plan(folder) == [
-        "README.md", "pytorch_lora_weights.safetensors", "samples/validation.png", "training_config.json"
+        "README.md", "pytorch_lora_weights.safetensors", "samples/prompt_0.png", "samples/prompt_1.png",
+        "samples/validation.png", "training_config.json",
     ]  # fmt: skip
 
 

@@ -29,7 +29,9 @@ class _TaggedWithPid(torch.utils.data.Dataset):
 def _recorded_run(make_config, pairs, workers: int) -> tuple[list[tuple[list[str], torch.Tensor]], set[int]]:
     """Train 3 epochs of 8 rows (6 steps of 4), recording each batch's prompts and pixels and its readers' pids."""
     trainer = DiffusionDPOTrainer(
-        tiny_sd_pipeline(), make_config(max_steps=6, random_flip=True, dataloader_num_workers=workers), pairs
+        tiny_sd_pipeline(),
+        make_config(max_steps=6, random_flip=True, dataloader_num_workers=workers, overwrite_output_dir=True),
+        pairs,
     )
     trainer.train_dataset = _TaggedWithPid(trainer.train_dataset)
     batches, pids = [], set()

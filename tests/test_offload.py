@@ -183,6 +183,32 @@ def test_a_cached_run_offloads_while_training_and_renders_its_samples_with_the_e
     assert len([entry for entry in trainer.state.log_history if "loss" in entry]) == 2
 
 
+def test_validation_steps_render_with_the_encoders_back_and_the_denoiser_in_eval_mode(
+    tmp_path, pairs, monkeypatch
+) -> None:
+    pytest.importorskip("tensorboard", reason="the `tracking` extra: pip install -e '.[tracking]'")
+    args = DiffusionDPOConfig(
+        output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=4, max_steps=2, beta=50.0,
+        save_steps=0, cache_latents=True, cache_dir=str(tmp_path / "cache"), validation_prompts=["a red cat"],
+        num_validation_images=1, validation_inference_steps=2, validation_steps=1, report_to="tensorboard",
+    )  # fmt: skip
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
+    during: list[tuple[bool, bool]] = []
+    render = hub.render_comparison
+
+    def recording(*call_args, **kwargs):
+        during.append((trainer.encoder_offload.offloaded, trainer._unwrapped.training))
+        return render(*call_args, **kwargs)
+
+    monkeypatch.setattr(hub, "render_comparison", recording)
+    recorder = OffloadRecorder(trainer, make_preference_dataset(4, seed=5))
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    assert during == [(False, False), (False, False)]  # step 1, and the end (step 2): encoders back, eval mode
+    assert recorder.at_steps == [True, True]  # offloaded again, and training, once step 1's images are logged
+
+
 class FailingStep(TrainerCallback):
     """Records whether the encoders were offloaded and the loaders kept at the first step's end, then fails."""
 

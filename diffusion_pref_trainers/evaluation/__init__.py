@@ -5,7 +5,7 @@ detectors from :mod:`diffusion_pref_trainers.toy`). See docs/evaluation.md.
 """
 
 from diffusion_pref_trainers.evaluation.generation import PipelineSampler, generate
-from diffusion_pref_trainers.evaluation.grid import make_grid, save_comparison_grid, save_grid
+from diffusion_pref_trainers.evaluation.grid import make_comparison_grid, make_grid, save_comparison_grid, save_grid
 from diffusion_pref_trainers.evaluation.hps import HPSv2
 from diffusion_pref_trainers.evaluation.image_reward import ImageReward
 from diffusion_pref_trainers.evaluation.metrics import (
@@ -37,6 +37,7 @@ __all__ = [
     "compare",
     "diversity",
     "generate",
+    "make_comparison_grid",
     "make_grid",
     "mean_reward",
     "prompt_fidelity",

@@ -69,6 +69,19 @@ def save_grid(
     return grid
 
 
+def make_comparison_grid(
+    prompts: Sequence[str],
+    base: Sequence[Sequence[Image.Image]],
+    aligned: Sequence[Sequence[Image.Image]],
+    seeds: Sequence[int] | None = None,
+) -> Image.Image:
+    """Base next to aligned for each seed, one row per prompt labelled with the prompt."""
+    rows = [[image for pair in zip(b, a, strict=True) for image in pair] for b, a in zip(base, aligned, strict=True)]
+    seeds = list(seeds) if seeds is not None else list(range(len(base[0]) if base else 0))
+    columns = [f"{name} {seed}" for seed in seeds for name in ("base", "aligned")]
+    return make_grid(rows, row_labels=list(prompts), column_labels=columns)
+
+
 def save_comparison_grid(
     prompts: Sequence[str],
     base: Sequence[Sequence[Image.Image]],
@@ -76,8 +89,8 @@ def save_comparison_grid(
     path: str | Path,
     seeds: Sequence[int] | None = None,
 ) -> Image.Image:
-    """Base next to aligned for each seed, one row per prompt labelled with the prompt."""
-    rows = [[image for pair in zip(b, a, strict=True) for image in pair] for b, a in zip(base, aligned, strict=True)]
-    seeds = list(seeds) if seeds is not None else list(range(len(base[0]) if base else 0))
-    columns = [f"{name} {seed}" for seed in seeds for name in ("base", "aligned")]
-    return save_grid(rows, path, row_labels=list(prompts), column_labels=columns)
+    """:func:`make_comparison_grid`, written to ``path`` (folders created) and returned."""
+    grid = make_comparison_grid(prompts, base, aligned, seeds)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return grid

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers.trainer_utils import TrainOutput
 
 from diffusion_pref_trainers import adapters, cache, hub, offload, speed, tracking
-from diffusion_pref_trainers.configs import DiffusionTrainingConfig
+from diffusion_pref_trainers.configs import BNB_OPTIMIZERS, DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     DECODE_ERRORS,
     PAIRED_SCHEMAS,
@@ -55,7 +55,7 @@ from diffusion_pref_trainers.data import (
 from diffusion_pref_trainers.dtypes import cast_model
 from diffusion_pref_trainers.families import get_family
 from diffusion_pref_trainers.loader import Loaders
-from diffusion_pref_trainers.optim import build_optimizer, build_scheduler
+from diffusion_pref_trainers.optim import build_optimizer, build_scheduler, check_scheduler_kwargs
 from diffusion_pref_trainers.sources import load_pipeline, load_preference_dataset
 from diffusion_pref_trainers.state import TrainerCallback, TrainerState
 from diffusion_pref_trainers.trainers.callbacks import CallbacksMixin
@@ -129,6 +129,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
         self.train_dataset = self._wrap_dataset(train_dataset, train=True) if train_dataset is not None else None
         self.eval_dataset = self._wrap_dataset(eval_dataset, train=False) if eval_dataset is not None else None
         self._validate()
+        self._check_eval_schedule()
+        check_scheduler_kwargs(self.args)
 
         self._setup_model(peft_config)
         self._identify_run()
@@ -167,11 +169,12 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
                 "`mixed_precision='bf16'` on a CPU: bf16 autocast is many times slower than fp32 on most CPUs. "
                 "Use `mixed_precision='no'` on a CPU; keep bf16 for a GPU."
             )
-        if self.args.optim == "adamw_8bit":
+        if self.args.optim in BNB_OPTIMIZERS:
             logger.warning(
-                "`optim='adamw_8bit'` on a CPU: bitsandbytes runs its slow CPU path and saves no accelerator memory. "
-                "Use `optim='adamw_torch'` on a CPU; keep adamw_8bit for a GPU."
-            )
+                "`optim=%r` on a CPU: bitsandbytes runs its slow CPU path and saves no accelerator memory. "
+                "Use `optim='adamw_torch'` on a CPU; keep %s for a GPU.",
+                self.args.optim, self.args.optim,
+            )  # fmt: skip
 
     def _check_resolution(self) -> None:
         """Resolutions the VAE (and patching) cannot divide are rejected before anything runs."""
@@ -184,6 +187,18 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
 
     def _validate(self) -> None:
         """Objective-specific checks on the config and data; subclasses extend this."""
+
+    def _check_eval_schedule(self) -> None:
+        """Evaluation asked of `train()` needs an eval set: otherwise it would silently never run."""
+        args = self.args
+        asked = [name for name, on in (("eval_on_start", args.eval_on_start), ("eval_steps", args.eval_steps)) if on]
+        if args.eval_strategy == "epoch":
+            asked.append("eval_strategy='epoch'")
+        if asked and self.eval_dataset is None:
+            raise ValueError(
+                f"{', '.join(f'`{name}`' for name in asked)} asks for evaluation, but there is no eval set: pass "
+                "eval_dataset= (or set `dataset_test_split`), or leave evaluation off."
+            )
 
     def _eval_source(self, train_dataset: Any, eval_dataset: Any) -> Any:
         """The evaluation source: the one given, else (as TRL) the training source read at `dataset_test_split`."""
@@ -229,7 +244,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
             _warn_on_size_mismatch(first[1], args.resolution)
         if isinstance(dataset, datasets.IterableDataset):
             if train and args.shuffle_buffer_size:
-                dataset = dataset.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+                seed = args.seed if args.data_seed is None else args.data_seed
+                dataset = dataset.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size)
             dataset = split_dataset_by_node(
                 dataset, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes
             )
@@ -481,10 +497,13 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
         self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
         try:
             self._event("on_train_begin")  # after the offload: a callback measuring memory sees the training's
+            if self.control.should_evaluate:  # `eval_on_start` (`StepSchedule.on_train_begin`)
+                self._evaluate_in_training()
             self._run_epochs(total, per_epoch, progress)
             if self.accelerator.is_main_process:  # the count is summed over processes
                 self._warn_skipped_rows("training", self.state.skipped_rows)
-            if self.eval_dataset is not None and self._evaluated_at != self.state.global_step:  # reads the cache too
+            final_eval = args.eval_strategy != "no" and self._evaluated_at != self.state.global_step
+            if self.eval_dataset is not None and final_eval:  # reads the cache too, like the steps
                 self._evaluate_in_training()
         finally:  # also when a step raises: the pipeline gets its encoders back, and no loader worker outlives the run
             progress.close()
@@ -510,7 +529,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
         pending: dict[str, list[torch.Tensor]] = {}
         self.denoiser.train()
         while self.state.global_step < total and not self.control.should_training_stop:
-            batches = 0
+            batches, exhausted = 0, True
             self._event("on_epoch_begin")
             for batch in self._loaders.batches(
                 self.train_dataset, args.per_device_train_batch_size, epoch, shuffle=True, skip=skip
@@ -528,13 +547,15 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
                 progress.update(1)
                 self._after_optimizer_step(pending, progress)
                 if self.state.global_step >= total or self.control.should_training_stop:
+                    exhausted = per_epoch is not None and micro % per_epoch == 0
                     break
             if batches == 0:  # a stream with fewer rows than one batch would otherwise loop forever
                 raise ValueError(
                     f"An epoch of the training data gave no full batch of {args.per_device_train_batch_size} rows "
                     "(too few rows, or none readable): check the dataset and its split."
                 )
-            self._event("on_epoch_end")
+            self._end_epoch(complete=exhausted)
+            self._after_epoch(pending, progress)
             epoch, skip = epoch + 1, 0
 
     def _train_micro_step(self, batch: dict[str, Any], micro: int, pending: dict[str, list[torch.Tensor]]) -> None:
@@ -645,16 +666,28 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
 
     def _after_optimizer_step(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
         """`on_step_end`, then the logging, evaluation and checkpoint its control asks for (`StepSchedule`'s and the
-        callbacks')."""
+        callbacks'), and the validation images every `validation_steps`."""
         self._event("on_step_end")
+        step = self.state.global_step
         if self.control.should_log:
             self._log_window(pending, progress)
         if self.control.should_evaluate:
             self._evaluate_in_training()
+        if self.args.validation_steps and step % self.args.validation_steps == 0 and step < self.state.max_steps:
+            self._log_validation()  # the last step's images are the end's (`_save_samples`)
         if self.control.should_save:
-            self._save_checkpoint()
-            if self.args.push_to_hub and self.args.hub_strategy == "every_save" and self.accelerator.is_main_process:
-                self._push_in_background(f"Training in progress, step {self.state.global_step}")
+            self._save_and_push()
+
+    def _after_epoch(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
+        """After `on_epoch_end`: the logging, evaluation and checkpoint its control asks for (the 'epoch' strategies'
+        and the callbacks'). An evaluation already made at this step is not repeated."""
+        if self.control.should_log:
+            self._log_window(pending, progress)
+        if self.control.should_evaluate and self._evaluated_at != self.state.global_step:
+            self._evaluate_in_training()
+        self.control.should_evaluate = False
+        if self.control.should_save:
+            self._save_and_push()
 
     def _log_window(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
         """Log the metrics averaged over the steps since the last log, and the running data counts."""
@@ -673,11 +706,18 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
         )
 
     def _evaluate_in_training(self) -> None:
-        """Evaluate (callbacks get `on_evaluate`), log the metrics and track the best one."""
+        """Evaluate (callbacks get `on_evaluate`), log the metrics and track the best one, remembering the step
+        (`train()` then skips a repeat at its end)."""
         metrics = self.evaluate()
         self._log(metrics)
         self._track_best(metrics)
         self._evaluated_at = self.state.global_step
+
+    def _save_and_push(self) -> None:
+        """A checkpoint, and its upload in the background with hub_strategy='every_save'."""
+        self._save_checkpoint()
+        if self.args.push_to_hub and self.args.hub_strategy == "every_save" and self.accelerator.is_main_process:
+            self._push_in_background(f"Training in progress, step {self.state.global_step}")
 
     def _reduce(self, pending: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         """Average each metric over the window and across processes: the one host sync per log.

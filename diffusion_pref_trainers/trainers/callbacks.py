@@ -1,8 +1,9 @@
 """Callbacks as transformers' Trainer calls them: its `CallbackHandler`, `TrainerControl` and `TrainOutput`.
 
-A mixin of `DiffusionPreferenceTrainer`. The loop's own schedule (log every `logging_steps`, evaluate every
-`eval_steps`, checkpoint every `save_steps`) is a `DefaultFlowCallback`, first in the list: it sets the control
-flags at each step's end, the callbacks after it may set or clear them, and the loop does what the flags say.
+A mixin of `DiffusionPreferenceTrainer`. The loop's own schedule (`logging_steps`, `eval_strategy` and
+`eval_steps`, `save_strategy` and `save_steps`, `eval_on_start`) is a `DefaultFlowCallback`, first in the list: it
+sets the control flags at the start of training, at each step's end and at each epoch's end, the callbacks after it
+may set or clear them, and the loop does what the flags say.
 """
 
 from __future__ import annotations
@@ -17,24 +18,42 @@ from diffusion_pref_trainers.state import TrainerCallback, TrainerState, check_c
 
 
 class StepSchedule(DefaultFlowCallback):
-    """The loop's schedule: `logging_steps` (and the last step), `eval_steps` when there is eval data, `save_steps`."""
+    """The loop's schedule, as transformers' `DefaultFlowCallback` sets it: `logging_steps` (and the last step, and
+    the first with `logging_first_step`); with an eval set, `eval_on_start`, and `eval_strategy` by `eval_steps` or at
+    each epoch's end; `save_strategy` by `save_steps` or at each epoch's end.
+
+    An epoch's end counts only once its last batch has been trained on: the loop sets `epoch_complete` before
+    `on_epoch_end` (a run stopping mid-epoch, at `max_steps` or by `should_training_stop`, ends no epoch).
+    """
 
     def __init__(self, evaluates: bool) -> None:
         self.evaluates = evaluates
+        self.epoch_complete = False
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        """`eval_on_start`: evaluate before the first step."""
+        if self.evaluates and args.eval_on_start:
+            control.should_evaluate = True
+        return control
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         """Raise the flags due at this step."""
         step = state.global_step
-        if step % args.logging_steps == 0 or step == state.max_steps:
+        if step % args.logging_steps == 0 or step == state.max_steps or (step == 1 and args.logging_first_step):
             control.should_log = True
-        if self.evaluates and args.eval_steps and step % args.eval_steps == 0:
+        if self.evaluates and args.eval_strategy == "steps" and args.eval_steps and step % args.eval_steps == 0:
             control.should_evaluate = True
-        if args.save_steps and step % args.save_steps == 0:
+        if args.save_strategy == "steps" and args.save_steps and step % args.save_steps == 0:
             control.should_save = True
         return control
 
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
-        """Nothing: the schedule counts optimizer steps only."""
+        """The 'epoch' strategies' evaluation and checkpoint, once the epoch's last batch has been trained on."""
+        if self.epoch_complete:
+            if self.evaluates and args.eval_strategy == "epoch":
+                control.should_evaluate = True
+            if args.save_strategy == "epoch":
+                control.should_save = True
         return control
 
 
@@ -77,6 +96,13 @@ class CallbacksMixin:
                 "A callback set `control.should_epoch_stop`, which this loop does not honour (an exact resume counts "
                 "an epoch's batches from `global_step`): set `control.should_training_stop` to end training."
             )
+
+    def _end_epoch(self, complete: bool) -> None:
+        """`on_epoch_end`, the schedule told whether the epoch's last batch was trained on (`complete`)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StepSchedule):
+                callback.epoch_complete = complete
+        self._event("on_epoch_end")
 
     def _export_callback_states(self) -> None:
         """`state.stateful_callbacks`, as transformers writes it: each `ExportableState` callback's `state()` (a list

@@ -3,8 +3,9 @@
 A mixin of `DiffusionPreferenceTrainer`. A checkpoint folder holds the trained weights (the LoRA adapters, or the
 whole denoiser when fully fine-tuned), the optimizer state, the LR schedule, the fp16 loss scale, each process's
 random generators, and `trainer_state.json` (not accelerate's accumulation counter: a checkpoint follows an optimizer
-step, where the fresh counter, 0, starts the next accumulation window alike). It is written into a temporary folder
-and renamed into place once complete (`checkpoints.commit`).
+step, where the fresh counter, 0, starts the next accumulation window alike). A LoRA checkpoint also holds the adapters
+in diffusers' format, the file `save_model` writes, so that `pipe.load_lora_weights(checkpoint_dir)` loads it (a resume
+reads its own file). It is written into a temporary folder and renamed into place once complete (`checkpoints.commit`).
 
 The mixin also owns the output folder: a lock keeps other runs out (`folder_lock`), every checkpoint and the final
 output carry the run's `run.json` (`checkpoints.run_identity`), a fresh run refuses a folder holding another run's
@@ -169,6 +170,10 @@ class CheckpointingMixin:
         save = save_model if self.peft_config is None else adapters.save_adapter_state
         for name, module in self._checkpointed_modules().items():
             save(module, str(folder / name))
+        if self.peft_config is not None:  # also as `save_model` writes it: `pipe.load_lora_weights(checkpoint)`
+            self.family.save_lora_weights(
+                str(folder), {self.family.denoiser_attr: self._unwrapped, **self.text_encoders}
+            )
         train_state.save(self.optimizer.state_dict(), folder, OPTIMIZER)
         (folder / SCHEDULER_FILE).write_text(json.dumps(self.lr_scheduler.state_dict()))
         if accelerator.scaler is not None:

@@ -12,9 +12,12 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffusion_pref_trainers import adapters, checkpoints, hub
+from diffusion_pref_trainers import adapters, checkpoints, hub, tracking
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 STAGING = "tmp-model"  # the folder, inside the output folder, a save is written into before it is moved into place
@@ -59,21 +62,24 @@ class PublishingMixin:
         checkpoints.move_into(staging, folder)
 
     def model_card(self, repo_id: str, *, folder: str | Path | None = None, for_hub: bool = False) -> Any:
-        """The model card of this run (base model, method, hyperparameters, dataset, samples, final metrics).
+        """The model card of this run (base model and its license, method, hyperparameters, LoRA settings, dataset,
+        samples, final metrics, framework versions, the method's papers).
 
-        `folder` is where the card goes: the sample grid is shown when it lies there. A card `for_hub` keeps a
-        local base model or dataset path out of its metadata. Its usage snippet loads the weights from `repo_id`
-        when `for_hub`, else from the folder's absolute path, and prompts with the first validation prompt or,
-        without one, the first training prompt.
+        `folder` is where the card goes: the sample grid and the widget images are shown when they lie there. A card
+        `for_hub` keeps a local base model or dataset path out of its metadata. Its usage snippet loads the weights
+        from `repo_id` when `for_hub`, else from the folder's absolute path, and prompts with the first validation
+        prompt or, without one, the first training prompt.
         """
         last: dict[str, float] = {}
         for entry in self.state.log_history:
             last.update({k: v for k, v in entry.items() if isinstance(v, float) and k not in ("epoch",)})
         full = None if self.peft_config is not None else (self.family.denoiser_attr, type(self._unwrapped).__name__)
         samples = folder is not None and Path(folder, hub.SAMPLES_FILE).is_file()
+        base_model = str(self.pipe.config.get("_name_or_path") or "unknown")
         return hub.build_model_card(
-            base_model=str(self.pipe.config.get("_name_or_path") or "unknown"),
+            base_model=base_model,
             method=self.method,
+            family=self.family.name,
             repo_id=repo_id,
             load_from=repo_id if for_hub or folder is None else str(Path(folder).resolve()),
             prompt=next(iter(self.args.validation_prompts), None) or self._example_prompt or "a photo",
@@ -81,35 +87,92 @@ class PublishingMixin:
             config=self.args.to_dict(),
             metrics=last,
             steps=self.state.global_step,
+            license=hub.base_model_license(base_model, token=self.args.hub_token),
+            lora=self._lora_settings(),
             full_weights=full,
             samples=hub.SAMPLES_FILE if samples else None,
+            widget=hub.widget(folder, self.args.validation_prompts) if folder is not None else None,
             for_hub=for_hub,
         )
 
+    def _lora_settings(self) -> dict[str, Any] | None:
+        """The adapter's settings as trained, from the `peft_config` in force (a given one or the `lora_*` fields)."""
+        config = self.peft_config
+        if config is None:
+            return None
+        targets = config.target_modules
+        return {
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "target_modules": ", ".join([targets] if isinstance(targets, str) else sorted(targets or [])),
+            "init_lora_weights": config.init_lora_weights,
+            "text encoders": ", ".join(sorted(self.text_encoders)) or "not trained",
+        }
+
     def _save_samples(self) -> None:
-        """Render `validation_prompts` with the base and the aligned weights into `output_dir/samples/` (main process).
+        """Render `validation_prompts` with the base and the aligned weights into `output_dir/samples/`, and log the
+        grid to the trackers (main process).
 
         Samples are a report, not the result: a failure is logged and the run goes on to its push.
         """
+        folder = self.args.output_dir
+        seeds, call = self._validation_call()
+        try:
+            with self._rendering():
+                grid = hub.render_samples(
+                    self.pipe, self.args.validation_prompts, seeds, folder, self._base_weights(), **call
+                )
+            self._log_validation_image(grid)
+            self.model_card(Path(folder).name, folder=folder).save(str(Path(folder, "README.md")))
+            logger.info("Saved validation samples to %s", Path(folder, hub.SAMPLES_FILE))
+        except Exception:
+            logger.exception("Could not render the validation samples; the model is saved without them.")
+
+    def _log_validation(self) -> None:
+        """`validation_steps`: render the base-vs-current grid and log it to the trackers, on the main process (the
+        others wait), with the idle encoders back on the device for the while. Each image has its own seeded
+        generator, so training's random streams are untouched. A failure is logged and training goes on."""
+        if self.accelerator.is_main_process:
+            seeds, call = self._validation_call()
+            try:
+                with self.encoder_offload.on_device(), self._rendering():
+                    grid, _ = hub.render_comparison(
+                        self.pipe, self.args.validation_prompts, seeds, self._base_weights(), **call
+                    )
+                self._log_validation_image(grid)
+            except Exception:
+                logger.exception("Could not render the validation images of step %d.", self.state.global_step)
+        self.accelerator.wait_for_everyone()
+
+    def _validation_call(self) -> tuple[list[int], dict[str, Any]]:
+        """The validation images' seeds and pipeline-call settings (size, sampling steps)."""
         args = self.args
         first = args.seed if args.validation_seed is None else args.validation_seed
         call = {"height": args.resolution, "width": args.resolution}
         if args.validation_inference_steps is not None:
             call["num_inference_steps"] = args.validation_inference_steps
-        path = Path(args.output_dir, hub.SAMPLES_FILE)
-        seeds = [first + index for index in range(args.num_validation_images)]
-        self._unwrapped.eval()
+        return [first + index for index in range(args.num_validation_images)], call
+
+    @contextlib.contextmanager
+    def _rendering(self) -> Iterator[None]:
+        """The trained modules in eval mode (no dropout) under the run's autocast; their modes restored after."""
+        modules = [self._unwrapped, *self.text_encoders.values()]
+        modes = [module.training for module in modules]
+        for module in modules:
+            module.eval()
         try:
             with self.accelerator.autocast():
-                hub.render_samples(self.pipe, args.validation_prompts, seeds, path, self._base_weights(), **call)
-            self.model_card(Path(args.output_dir).name, folder=args.output_dir).save(
-                str(Path(args.output_dir, "README.md"))
-            )
-            logger.info("Saved validation samples to %s", path)
-        except Exception:
-            logger.exception("Could not render the validation samples; the model is saved without them.")
+                yield
         finally:
-            self._unwrapped.train()
+            for module, mode in zip(modules, modes, strict=True):
+                module.train(mode)
+
+    def _log_validation_image(self, grid: Image.Image) -> None:
+        """The grid to every active tracker that takes images, as `validation` at the current step."""
+        skipped = tracking.log_image(self.accelerator.trackers, "validation", grid, self.state.global_step)
+        if skipped:
+            logger.warning("Validation images are not logged to %s: it takes no images here.", ", ".join(skipped))
 
     def _base_weights(self) -> Callable[[], contextlib.AbstractContextManager] | None:
         """A context in which the pipeline generates as the base model, or None if no base weights were kept."""
