@@ -15,6 +15,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -100,7 +101,7 @@ def make_parser(method: str) -> RecipeParser:
     if method not in METHOD_CONFIGS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}.")
     config_class = METHOD_CONFIGS[method]
-    return RecipeParser(
+    parser = RecipeParser(
         (ScriptArguments, config_class),
         usage=USAGE,
         description=f"{__doc__.splitlines()[0]} Settings of method {method!r}: ScriptArguments, then "
@@ -111,6 +112,10 @@ def make_parser(method: str) -> RecipeParser:
         allow_abbrev=False,
         exit_on_error=False,
     )
+    for action in parser._actions:  # argparse formats help text with %: a literal '10%' must be escaped
+        if action.help:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
+    return parser
 
 
 def _pre_parse(argv: list[str], default_recipe: str | None) -> tuple[list[str], str, dict[str, Any]]:

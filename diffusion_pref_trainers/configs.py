@@ -799,17 +799,30 @@ class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
 class DiffusionDPOConfig(DiffusionTrainingConfig):
     """Diffusion-DPO (Wallace et al., 2023).
 
-    `beta` uses the `beta/2` convention of `docs/methods.md`: the loss is
-    `-log sigmoid(beta/2 * (s_w - s_l))`. Its default 5000 is the paper's value for SD 1.x/2.x and
-    SDXL (scripts without the 1/2 write 2500 for the same loss); flow-matching models (SD3, FLUX)
-    want far smaller values, see the model-family docs. Two switches give related methods (see
+    `beta` uses the `beta/2` convention of `docs/dpo.md`: the loss is
+    `-log sigmoid(beta/2 * (s_w - s_l))`. Left unset it is the model family's default: 5000, the paper's
+    value, for SD 1.x/2.x and SDXL (scripts without the 1/2 write 2500 for the same loss); 1000 for the
+    flow-matching SD3 and FLUX (see `docs/model_families.md`). Two switches give related methods (see
     `docs/objectives.md`): `swap_preferences` trains Diffusion-NPO's negative adapter, `safeguard` applies
     Diffusion-SDPO's winner-preserving scale to the losers' gradient.
     """
 
-    beta: float = _help("Inverse temperature of the preference loss, in the beta/2 convention (SD: 5000).", 5000.0)
-    loss_type: str = _help(f"Preference loss: one of {', '.join(DPO_LOSS_TYPES)}.", "sigmoid")
-    label_smoothing: float = _help("Label-noise rate eps of the 'robust' loss (conservative DPO), in [0, 0.5).", 0.0)
+    beta: float | None = _help(
+        "Inverse temperature of the preference loss, in the beta/2 convention. None: the model family's default "
+        "(5000 for SD 1.x/2.x and SDXL, 1000 for SD3 and FLUX). With loss_type='ipo' it is IPO's tau as TRL's beta "
+        "is (no 1/2): the margin is pulled to 1/(2 beta).",
+        None,
+    )
+    loss_type: str = _help(
+        f"Preference loss: one of {', '.join(DPO_LOSS_TYPES)}. 'robust' is TRL's robust DPO (divided by 1 - 2 eps); "
+        "before this version it was conservative DPO, which is now 'sigmoid' with `label_smoothing`.",
+        "sigmoid",
+    )
+    label_smoothing: float = _help(
+        "Label-flip rate eps in [0, 0.5): with 'sigmoid', conservative DPO (label smoothing); with 'robust', "
+        "TRL's robust DPO.",
+        0.0,
+    )
     sft_weight: float = _help("Weight of an added denoising loss on the preferred images (0: off).", 0.0)
     swap_preferences: bool = _help(
         "Train on the rejected image as the winner: gives the 'negative' adapter of Diffusion-NPO.", False
@@ -827,7 +840,10 @@ class DiffusionDPOConfig(DiffusionTrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.beta > 0, f"`beta` must be > 0, got {self.beta}; the SD default is 5000.")
+        _check(
+            self.beta is None or self.beta > 0,
+            f"`beta` must be > 0 (or None: the model family's default), got {self.beta}; the SD default is 5000.",
+        )
         _check_choice("loss_type", self.loss_type, DPO_LOSS_TYPES)
         _check(
             0.0 <= self.label_smoothing < 0.5,
@@ -835,7 +851,7 @@ class DiffusionDPOConfig(DiffusionTrainingConfig):
         )
         _check(
             self.label_smoothing == 0.0 or self.loss_type in ("sigmoid", "robust"),
-            "`label_smoothing` only applies to loss_type='robust' (or 'sigmoid', where it means the same).",
+            "`label_smoothing` only applies to loss_type='robust' (robust DPO) or 'sigmoid' (conservative DPO).",
         )
         _check(self.sft_weight >= 0, "`sft_weight` must be >= 0.")
         _check(0.0 <= self.safeguard_mu <= 1.0, f"`safeguard_mu` must be in [0, 1], got {self.safeguard_mu}.")

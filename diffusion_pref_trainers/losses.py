@@ -1,6 +1,6 @@
 """Preference objectives as pure functions of per-sample denoising errors.
 
-Every function takes the per-sample mean squared errors of `docs/methods.md` (shape `[M]`): the policy's
+Every function takes the per-sample mean squared errors of `docs/dpo.md` (shape `[M]`): the policy's
 `model_*` (with gradient) and the frozen reference's `ref_*` (without), and returns a scalar loss.
 Nothing here knows about models, schedulers or batches, so each objective can be checked against a
 hand computation. Metrics come from the same tensors (`reward_metrics`).
@@ -30,14 +30,20 @@ def pair_reward_scale(beta: float) -> float:
 def preference_loss(
     logits: torch.Tensor, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Element-wise pairwise loss on reward differences `logits` (any shape), before averaging.
+    """Element-wise pairwise loss on reward differences `logits` (any shape), before averaging (docs/dpo.md).
 
-    `sigmoid`/`robust`: `-(1-eps) log s(beta/2 l) - eps log s(-beta/2 l)`; `hinge`: `relu(1 - beta/2 l)`;
-    `ipo`: `(l - 1/(2 beta))^2`, which pulls the margin to `1/(2 beta)` rather than to infinity.
+    `sigmoid` (conservative DPO when eps > 0): `-(1-eps) log s(beta/2 l) - eps log s(-beta/2 l)`;
+    `robust` (TRL's robust DPO): `(-(1-eps) log s(beta/2 l) + eps log s(-beta/2 l)) / (1 - 2 eps)`;
+    `hinge`: `relu(1 - beta/2 l)`; `ipo`: `(l - 1/(2 beta))^2` with `beta` as TRL's tau (no 1/2), which pulls the
+    margin to `1/(2 beta)` rather than to infinity.
     """
     if loss_type in ("sigmoid", "robust"):
         scaled = 0.5 * beta * logits
-        return -(1.0 - label_smoothing) * F.logsigmoid(scaled) - label_smoothing * F.logsigmoid(-scaled)
+        clean, flipped = -F.logsigmoid(scaled), -F.logsigmoid(-scaled)
+        if loss_type == "sigmoid":
+            return (1.0 - label_smoothing) * clean + label_smoothing * flipped
+        # Unbiased under labels flipped with probability eps: its expectation over the flip is the clean loss.
+        return ((1.0 - label_smoothing) * clean - label_smoothing * flipped) / (1.0 - 2.0 * label_smoothing)
     if loss_type == "hinge":
         return torch.relu(1.0 - 0.5 * beta * logits)
     if loss_type == "ipo":
@@ -133,6 +139,19 @@ def kto_metrics(
     }
 
 
+def kto_pair_accuracy(model_err: torch.Tensor, ref_err: torch.Tensor, *, paired: bool) -> torch.Tensor:
+    """KTO's `rewards/accuracies`: the share of pairs whose winner's reward beats its own loser's (same noise).
+
+    Paired errors are image-major (every winner, then every loser). A single labelled image has no partner, so
+    unpaired data gives NaN, which the loop leaves out of its averages.
+    """
+    rewards = implicit_rewards(model_err, ref_err).detach()
+    if not paired:
+        return rewards.new_tensor(float("nan"))
+    chosen, rejected = rewards.chunk(2)
+    return (chosen > rejected).float().mean()
+
+
 def mapo_loss(
     model_w: torch.Tensor,
     model_l: torch.Tensor,
@@ -176,6 +195,13 @@ def mapo_metrics(
 def sft_loss(model_w: torch.Tensor) -> torch.Tensor:
     """Supervised fine-tuning baseline: the plain denoising loss on the preferred images."""
     return model_w.mean()
+
+
+def with_sft_term(loss: torch.Tensor, model_w: torch.Tensor, sft_weight: float) -> torch.Tensor:
+    """DPO/RPO's `sft_weight` option: `loss + sft_weight * mean(m_w)`; `loss` itself when the weight is 0."""
+    if not sft_weight:
+        return loss
+    return loss + sft_weight * sft_loss(model_w)
 
 
 def safeguard_scale(grad_w: torch.Tensor, grad_l: torch.Tensor, mu: float) -> torch.Tensor:
@@ -228,6 +254,15 @@ def reward_metrics(
         "ref_loss/chosen": ref_w.detach().mean(),
         "ref_loss/rejected": ref_l.detach().mean(),
     }
+
+
+def rpo_process_scale(num_processes: int, *, gathered: bool) -> int:
+    """The factor on each process's RPO loss that makes DDP's gradient that of the global mean loss.
+
+    With a gathered matrix every process holds the whole loss but back-propagates only through its own rows;
+    DDP averages the gradients over processes, so each process scales its loss by their number.
+    """
+    return num_processes if gathered else 1
 
 
 def _check_square(similarity: torch.Tensor, size: int) -> None:

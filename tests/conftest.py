@@ -29,6 +29,16 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked `slow` unless DPT_SLOW_TESTS is set (CI leaves it unset)."""
+    if os.environ.get("DPT_SLOW_TESTS"):
+        return
+    skip = pytest.mark.skip(reason="slow on a CPU (minutes); set DPT_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny Stable Diffusion pipeline written with `save_pretrained`, loaded by path like a Hub model."""

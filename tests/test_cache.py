@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -81,23 +83,20 @@ def test_cached_training_matches_uncached_and_skips_the_encoders(tmp_path, pairs
         assert logged == pytest.approx(plain.state.log_history[0]["rpo/similarity_mean"], abs=1e-6)
 
 
-def _dpo_config(tmp_path: Path, **overrides) -> DiffusionDPOConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=4, max_steps=1, beta=50.0,
-        save_steps=0, cache_latents=True, cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
-    values.update(overrides)
-    return DiffusionDPOConfig(**values)
+@pytest.fixture
+def cached_config(make_config, tmp_path: Path) -> Callable[..., DiffusionDPOConfig]:
+    """conftest's `make_config` for one step with the latent cache in this test's tmp folder."""
+    return functools.partial(make_config, max_steps=1, cache_latents=True, cache_dir=str(tmp_path / "cache"))
 
 
-def test_second_trainer_hits_the_cache_without_encoding(tmp_path, pairs, monkeypatch) -> None:
-    first = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path), pairs)
+def test_second_trainer_hits_the_cache_without_encoding(tmp_path, cached_config, pairs, monkeypatch) -> None:
+    first = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(), pairs)
     files = sorted((tmp_path / "cache").glob("*.arrow"))
     assert files == [first.train_dataset.cache_file]
     modified = files[0].stat().st_mtime_ns
     monkeypatch.setattr(StableDiffusionFamily, "encode_images", _refuse)
     monkeypatch.setattr(StableDiffusionFamily, "encode_prompts", _refuse)
-    second = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, output_dir=str(tmp_path / "b")), pairs)
+    second = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(output_dir=str(tmp_path / "b")), pairs)
     assert second.train_dataset.cache_file == files[0]
     assert sorted((tmp_path / "cache").glob("*.arrow")) == files and files[0].stat().st_mtime_ns == modified
     for index in range(len(pairs)):
@@ -107,13 +106,13 @@ def test_second_trainer_hits_the_cache_without_encoding(tmp_path, pairs, monkeyp
     second.train()  # and trains from it
 
 
-def test_changed_weights_or_resolution_miss_the_cache(tmp_path, pairs) -> None:
-    base = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path), pairs).train_dataset
+def test_changed_weights_or_resolution_miss_the_cache(tmp_path, cached_config, pairs) -> None:
+    base = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(), pairs).train_dataset
     changed = tiny_sd_pipeline()
     with torch.no_grad():
         changed.vae.encoder.conv_in.weight[0, 0, 0, 0] += 0.01  # same architecture and name, other weights
-    other_model = DiffusionDPOTrainer(changed, _dpo_config(tmp_path), pairs).train_dataset
-    other_size = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, resolution=16), pairs).train_dataset
+    other_model = DiffusionDPOTrainer(changed, cached_config(), pairs).train_dataset
+    other_size = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(resolution=16), pairs).train_dataset
     names = {base.cache_file, other_model.cache_file, other_size.cache_file}
     assert len(names) == 3 and names == set((tmp_path / "cache").glob("*.arrow"))
     assert not torch.equal(base[0]["latents"], other_model[0]["latents"])
@@ -133,10 +132,10 @@ def _wide_pairs(n: int) -> datasets.Dataset:
     )
 
 
-def test_random_flip_stores_both_orientations_and_replays_each_epochs_flip(tmp_path) -> None:
+def test_random_flip_stores_both_orientations_and_replays_each_epochs_flip(cached_config) -> None:
     wide = _wide_pairs(4)
-    cached = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, random_flip=True), wide)
-    plain = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, random_flip=True, cache_latents=False), wide)
+    cached = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(random_flip=True), wide)
+    plain = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(random_flip=True, cache_latents=False), wide)
     stored = cached.train_dataset.rows[0]["latents"]
     assert stored.shape[0] == 2 and not torch.allclose(stored[0], stored[1])  # both orientations
     flips = set()
@@ -152,38 +151,38 @@ def test_random_flip_stores_both_orientations_and_replays_each_epochs_flip(tmp_p
     assert flips == {True, False}  # the rows and epochs above saw both orientations
 
 
-def test_streaming_random_crops_and_blanked_prompts_are_refused(tmp_path, pairs) -> None:
+def test_streaming_random_crops_and_blanked_prompts_are_refused(tmp_path, cached_config, pairs) -> None:
     with pytest.raises(ValueError, match="cache_latents` needs a map-style dataset"):
-        DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path), pairs.to_iterable_dataset())
+        DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(), pairs.to_iterable_dataset())
     with pytest.raises(ValueError, match="needs a map-style dataset"):
-        _dpo_config(tmp_path, dataset_streaming=True, max_steps=2)
+        cached_config(dataset_streaming=True, max_steps=2)
     with pytest.raises(ValueError, match="center_crop=True"):
-        _dpo_config(tmp_path, center_crop=False)
+        cached_config(center_crop=False)
     with pytest.raises(ValueError, match="proportion_empty_prompts=0"):
-        _dpo_config(tmp_path, proportion_empty_prompts=0.2)
+        cached_config(proportion_empty_prompts=0.2)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="must name a folder"):
-        _dpo_config(tmp_path, cache_dir=str(tmp_path / "file"))
+        cached_config(cache_dir=str(tmp_path / "file"))
 
 
-def test_unreadable_rows_are_replaced_as_without_cache_or_fail_with_the_row(tmp_path) -> None:
+def test_unreadable_rows_are_replaced_as_without_cache_or_fail_with_the_row(cached_config) -> None:
     rows = make_preference_dataset(12, schema="pickapic").to_dict()
     rows["jpg_0"][1] = b"not an image"  # not among the rows probed at construction (0, 2, 3, 5, ...)
     broken = datasets.Dataset.from_dict(rows)
-    cached = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path), broken).train_dataset
-    plain = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, cache_latents=False), broken).train_dataset
+    cached = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(), broken).train_dataset
+    plain = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(cache_latents=False), broken).train_dataset
     for index in range(len(broken)):
         assert cached[index]["prompt"] == plain[index]["prompt"]
         assert cached[index]["bad_rows"] == plain[index]["bad_rows"] == int(index == 1)
-    strict = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, skip_bad_images=False), broken)
+    strict = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(skip_bad_images=False), broken)
     with pytest.raises(BadImageError, match="Row 1"):  # a cache built before marks the row unreadable
         strict.train_dataset[1]
     with pytest.raises(BadImageError, match="Row 1"):  # a new cache is not built past it
-        DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, skip_bad_images=False, resolution=16), broken)
+        DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(skip_bad_images=False, resolution=16), broken)
 
 
-def test_trained_text_encoders_leave_prompts_uncached(tmp_path, pairs) -> None:
-    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), _dpo_config(tmp_path, train_text_encoder=True), pairs)
+def test_trained_text_encoders_leave_prompts_uncached(cached_config, pairs) -> None:
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), cached_config(train_text_encoder=True), pairs)
     item = trainer.train_dataset[0]
     assert "latents" in item and "cond" not in item
     trainer.train()

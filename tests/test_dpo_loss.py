@@ -1,4 +1,4 @@
-"""`dpo_loss` and `reward_metrics` against the formulas of methods.md, written out by hand with `math`."""
+"""`dpo_loss` and `reward_metrics` against the formulas of docs/dpo.md, written out by hand with `math`."""
 
 from __future__ import annotations
 
@@ -31,12 +31,14 @@ def _log_sigmoid(x: float) -> float:
 
 
 def _expected(loss_type: str, beta: float, eps: float = 0.0) -> float:
-    """The mean over pairs of the per-pair loss of methods.md (Diffusion-DPO section)."""
+    """The mean over pairs of the per-pair loss of docs/dpo.md ("The loss")."""
     values = []
     for logit in _logits():
         z = beta / 2 * logit
-        if loss_type in ("sigmoid", "robust"):
+        if loss_type == "sigmoid":  # conservative DPO when eps > 0
             values.append(-(1 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z))
+        elif loss_type == "robust":  # TRL's robust DPO
+            values.append((-(1 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1 - 2 * eps))
         elif loss_type == "hinge":
             values.append(max(0.0, 1.0 - z))
         elif loss_type == "ipo":
@@ -52,7 +54,8 @@ def test_logits_mix_signs_so_every_branch_is_exercised() -> None:
 
 
 @pytest.mark.parametrize(
-    "loss_type,eps", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.2)]
+    "loss_type,eps",
+    [("sigmoid", 0.0), ("sigmoid", 0.3), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.2)],
 )
 def test_dpo_loss_matches_the_hand_computation(loss_type, eps) -> None:
     loss = dpo_loss(*_tensors(), beta=BETA, loss_type=loss_type, label_smoothing=eps)
@@ -60,9 +63,32 @@ def test_dpo_loss_matches_the_hand_computation(loss_type, eps) -> None:
     assert loss.item() == pytest.approx(_expected(loss_type, BETA, eps), rel=1e-12)
 
 
-def test_label_smoothing_on_sigmoid_is_the_robust_loss() -> None:
-    sigmoid = dpo_loss(*_tensors(), beta=BETA, loss_type="sigmoid", label_smoothing=0.3)
-    assert sigmoid.item() == pytest.approx(_expected("robust", BETA, 0.3), rel=1e-12)
+def test_robust_dpo_by_hand_for_one_pair() -> None:
+    # logit 0.2, beta 10: z = 1; eps 0.25: (-(0.75) log s(1) + 0.25 log s(-1)) / 0.5.
+    one = torch.tensor([0.0], dtype=torch.float64)
+    loss = dpo_loss(one, one + 0.2, one, one, beta=10.0, loss_type="robust", label_smoothing=0.25)
+    expected = (0.75 * math.log1p(math.exp(-1.0)) - 0.25 * math.log1p(math.exp(1.0))) / 0.5
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_robust_dpo_is_unbiased_under_label_flips_where_conservative_dpo_is_not() -> None:
+    # Flipping a pair with probability eps turns its logits to -l; robust DPO's expectation is the clean loss.
+    eps, model_w, model_l, ref_w, ref_l = 0.2, *_tensors()
+
+    def flip_mean(loss_type: str) -> float:
+        kept = dpo_loss(model_w, model_l, ref_w, ref_l, beta=BETA, loss_type=loss_type, label_smoothing=eps)
+        flipped = dpo_loss(model_l, model_w, ref_l, ref_w, beta=BETA, loss_type=loss_type, label_smoothing=eps)
+        return ((1 - eps) * kept + eps * flipped).item()
+
+    assert flip_mean("robust") == pytest.approx(_expected("sigmoid", BETA), rel=1e-12)
+    assert flip_mean("sigmoid") != pytest.approx(_expected("sigmoid", BETA), rel=1e-3)
+
+
+def test_ipo_target_is_trls_with_beta_as_tau() -> None:
+    # TRL: (delta - 1/(2 beta))^2, no 1/2 on beta. beta 10: target 0.05; a logit of 0.05 costs 0, of 0.25 costs 0.04.
+    zero = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    loss = dpo_loss(zero, torch.tensor([0.05, 0.25], dtype=torch.float64), zero, zero, beta=10.0, loss_type="ipo")
+    assert loss.item() == pytest.approx((0.0 + 0.04) / 2, rel=1e-12)
 
 
 def test_sigmoid_loss_at_equal_rewards_is_log_2() -> None:

@@ -11,6 +11,7 @@ from diffusion_pref_trainers.losses import (
     dpo_loss,
     kto_loss,
     kto_metrics,
+    kto_pair_accuracy,
     mapo_log_odds,
     mapo_loss,
     mapo_metrics,
@@ -18,6 +19,7 @@ from diffusion_pref_trainers.losses import (
     safeguard_scale,
     safeguarded_errors,
     sft_loss,
+    with_sft_term,
 )
 
 
@@ -31,7 +33,7 @@ def _rand(n: int, seed: int, low: float = 0.5) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ KTO
 def _hand_kto(model, ref, desirable, beta, w_d, w_u, kl=None) -> float:
-    """methods.md: g = r - m, kl = max(mean g, 0), h = sigmoid(+-beta (g - kl)), loss = mean w (1 - h)."""
+    """docs/objectives.md, KTO: g = r - m, kl = max(mean g, 0), h = sigmoid(+-beta (g - kl)), loss = mean w (1 - h)."""
     g = [r - m for m, r in zip(model, ref, strict=True)]
     if kl is None:
         kl = max(sum(g) / len(g), 0.0)
@@ -92,6 +94,14 @@ def test_kto_metrics_split_by_label_and_mark_missing_labels_nan() -> None:
     assert math.isnan(only_desirable["rewards/rejected"].item())
 
 
+def test_kto_pair_accuracy_compares_each_winner_with_its_own_loser() -> None:
+    # image-major: winners (m 1, 2, 3) then losers (m 2, 1, 3), references all 2.
+    # g = r - m: winners 1, 0, -1; losers 0, 1, -1. Pair 0: 1 > 0 yes; pair 1: 0 > 1 no; pair 2: -1 > -1 no.
+    model, ref = torch.tensor([1.0, 2.0, 3.0, 2.0, 1.0, 3.0]), torch.full((6,), 2.0)
+    assert kto_pair_accuracy(model, ref, paired=True).item() == pytest.approx(1 / 3)
+    assert math.isnan(kto_pair_accuracy(model, ref, paired=False).item())  # single images have no partner
+
+
 # ----------------------------------------------------------------------------------------------- MaPO
 def _hand_f(m: float, c: float) -> float:
     return c * m / (math.exp(c * m) - 1.0)
@@ -136,6 +146,12 @@ def test_mapo_metrics_are_reference_free_margins() -> None:
 def test_sft_loss_is_the_mean_winner_error() -> None:
     model_w = torch.tensor([0.2, 0.4, 0.9])
     assert sft_loss(model_w).item() == pytest.approx(0.5)
+
+
+def test_with_sft_term_adds_the_weighted_winner_error() -> None:
+    loss, model_w = torch.tensor(0.7), torch.tensor([0.2, 0.4, 0.9], requires_grad=True)
+    assert with_sft_term(loss, model_w, 0.5).item() == pytest.approx(0.7 + 0.5 * 0.5)  # mean(m_w) = 0.5
+    assert with_sft_term(loss, model_w, 0.0) is loss  # off: the loss itself, no extra graph
 
 
 # ------------------------------------------------------------------------------------ SDPO safeguard
@@ -224,7 +240,7 @@ def _hand_rpo_cells(model_w, model_l, ref_w, ref_l, sim, beta, tau, cell) -> flo
 CELLS = {
     "hinge": lambda x, beta: max(0.0, 1.0 - beta / 2 * x),
     "ipo": lambda x, beta: (x - 1.0 / (2 * beta)) ** 2,
-    "robust": lambda x, beta: -0.8 * math.log(_sigmoid(beta / 2 * x)) - 0.2 * math.log(_sigmoid(-beta / 2 * x)),
+    "robust": lambda x, beta: (-0.8 * math.log(_sigmoid(beta / 2 * x)) + 0.2 * math.log(_sigmoid(-beta / 2 * x))) / 0.6,
 }
 
 

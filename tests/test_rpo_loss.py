@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusion_pref_trainers.losses import dpo_loss, rpo_loss, rpo_weights
+from diffusion_pref_trainers.losses import dpo_loss, rpo_loss, rpo_process_scale, rpo_weights
 from diffusion_pref_trainers.similarity import PipelineTextEmbedder, cosine_matrix, similarity_matrix
 from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
@@ -22,7 +22,7 @@ def _errors(m: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 def _hand_rpo(model_w, model_l, ref_w, ref_l, sim, beta, tau) -> float:
-    """methods.md's RPO with Python floats: row-softmax weights inside the sigmoid, mean of M*M cells."""
+    """docs/rpo.md's RPO with Python floats: row-softmax weights inside the sigmoid, mean of M*M cells."""
     m = len(model_w)
     s_w = [float(ref_w[i] - model_w[i]) for i in range(m)]
     s_l = [float(ref_l[j] - model_l[j]) for j in range(m)]
@@ -95,6 +95,12 @@ def test_rpo_loss_rejects_a_matrix_of_the_wrong_shape() -> None:
     model_w, model_l, ref_w, ref_l = _errors(3)
     with pytest.raises(ValueError, match=r"shape \(3, 3\)"):
         rpo_loss(model_w, model_l, ref_w, ref_l, torch.eye(2), beta=1.0, temperature=0.5)
+
+
+def test_rpo_process_scale_undoes_ddp_averaging_only_for_a_gathered_matrix() -> None:
+    assert rpo_process_scale(4, gathered=True) == 4  # DDP divides the summed gradients by 4 again
+    assert rpo_process_scale(4, gathered=False) == 1  # each process's own matrix: DDP's mean is the right one
+    assert rpo_process_scale(1, gathered=False) == 1
 
 
 def test_similarity_modes_shapes_ranges_and_mean() -> None:

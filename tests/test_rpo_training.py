@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusion_pref_trainers import DiffusionRPOConfig, DiffusionRPOTrainer
-from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd_pipeline
+from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd3_pipeline, tiny_sd_pipeline
 
 
 def _config(tmp_path: Path, **overrides) -> DiffusionRPOConfig:
@@ -52,6 +52,12 @@ def test_batch_sharing_draws_one_timestep_and_pair_sharing_one_per_row(tmp_path)
     assert shared.shape == separate.shape == (16,)
     assert len(set(shared.tolist())) == 1
     assert len(set(separate.tolist())) > 1
+
+
+def test_rpo_takes_the_familys_default_beta_when_unset(tmp_path) -> None:
+    pairs, kwargs = make_preference_dataset(4), dict(similarity="text", similarity_model_name_or_path=None)
+    assert DiffusionRPOTrainer(tiny_sd_pipeline(), _config(tmp_path, beta=None, **kwargs), pairs).args.beta == 5000.0
+    assert DiffusionRPOTrainer(tiny_sd3_pipeline(), _config(tmp_path, beta=None, **kwargs), pairs).args.beta == 1000.0
 
 
 def test_rpo_lora_round_trip(tmp_path) -> None:

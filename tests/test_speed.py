@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -19,12 +18,6 @@ from diffusion_pref_trainers.testing import (
 )
 
 LOGGED = ("loss", "model_loss/chosen", "model_loss/rejected", "grad_norm")
-# Inductor generates and compiles C++ kernels: the test below took 114 s on this project's CPU machine (1 thread).
-SLOW = pytest.mark.skipif(
-    not os.environ.get("DPT_SLOW_TESTS"),
-    reason="inductor compiles C++ kernels for minutes on a CPU (measured: 114 s for the test, 1 thread); "
-    "set DPT_SLOW_TESTS=1 to run it",
-)
 
 
 def _train(pairs, make_config, **switches) -> tuple[list[dict], torch.Tensor, DiffusionDPOTrainer]:
@@ -97,7 +90,8 @@ def test_inductor_on_cpu_warns_about_its_measured_gradients(pairs, make_config, 
     assert (speed.CPU_INDUCTOR_WARNING in caplog.messages) == (trainer.accelerator.device.type == "cpu")
 
 
-@SLOW
+# Inductor generates and compiles C++ kernels: this took 114 s on this project's CPU machine (1 thread).
+@pytest.mark.slow
 @pytest.mark.xfail(
     not torch.cuda.is_available(),
     reason="torch 2.13's inductor CPU backend gives wrong gradients for the tiny UNet (with or without LoRA; measured: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -16,7 +17,12 @@ from peft.utils import get_peft_model_state_dict
 
 from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionDPOTrainer, DiffusionTrainingConfig, TrainerCallback
 from diffusion_pref_trainers.data import BadImageError, collate
-from diffusion_pref_trainers.testing import make_preference_dataset, tiny_sd_pipeline
+from diffusion_pref_trainers.testing import (
+    make_preference_dataset,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+)
 
 TRAIN_LOG_KEYS = (
     "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -355,6 +361,20 @@ def test_an_unset_resolution_is_the_pipelines_own_and_the_callers_config_stays_a
     assert trainer.args.resolution == expected == 32 and args.resolution is None
     assert trainer.train_dataset[0]["pixel_values"].shape[-1] == expected
     assert not _warnings(caplog, "`resolution`")  # the 32 px pairs match the pipeline's size
+
+
+@pytest.mark.parametrize(
+    ("builder", "expected"), [(tiny_sd_pipeline, 5000.0), (tiny_sd3_pipeline, 1000.0), (tiny_flux_pipeline, 1000.0)]
+)
+def test_an_unset_beta_is_the_familys_default_and_the_callers_config_stays_as_given(
+    builder, expected, pairs, make_config, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="diffusion_pref_trainers")
+    args = make_config(beta=None)
+    trainer = DiffusionDPOTrainer(builder(), args, pairs)
+    assert trainer.args.beta == expected and args.beta is None
+    assert any(f"`beta` not set: using {expected}" in r.getMessage() for r in caplog.records)
+    assert DiffusionDPOTrainer(builder(), make_config(beta=50.0), pairs).args.beta == 50.0  # a given beta is kept
 
 
 def test_a_resolution_other_than_the_datas_image_size_is_one_warning_naming_both(

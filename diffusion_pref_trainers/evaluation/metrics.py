@@ -4,7 +4,7 @@ Scorers are plain callables, so the same metric runs with an exact toy-world det
 
 - reward model: ``reward(images, prompts) -> scores`` (PickScore, CLIP score, a toy task, ...);
 - fidelity: ``fidelity(images, prompts) -> scores in [0, 1]`` (toy: share of prompt attributes detected);
-- style scorer: ``style_scorer(images) -> P(style)`` (methods.md "Style alignment");
+- style scorer: ``style_scorer(images) -> P(style)`` (`docs/evaluation.md`, "style alignment");
 - embedding: ``embed(images) -> (N, D) array`` (toy: one-hot attributes; real: CLIP image embeddings).
 """
 
@@ -80,7 +80,7 @@ def diversity(images: ImageGrid, embed: Embedder) -> float:
 
 
 def style_alignment(images: ImageGrid, style_scorer: StyleScorer) -> float:
-    """Mean style probability over all images (methods.md "Style alignment"); report it beside the base's."""
+    """Mean style probability over all images (`docs/evaluation.md`, "style alignment"); report it beside the base's."""
     flat = [image for row in images for image in row]
     return float(np.asarray(style_scorer(flat), dtype=np.float64).mean())
 

@@ -87,7 +87,7 @@ class ModelFamily(ABC):
     def noisy_and_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The noised latents fed to the denoiser and the regression target of methods.md."""
+        """The noised latents fed to the denoiser and the regression target of `docs/model_families.md`."""
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample weights of the denoising error at `timesteps` (all 1 unless the family weights them)."""

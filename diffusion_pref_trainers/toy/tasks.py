@@ -114,7 +114,7 @@ class Task:
     preferred: tuple[str, ...]  # the values of that attribute the reward favours
 
     def in_style(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """1.0 where the detected attribute takes a preferred value, else 0.0: the toy style scorer (methods.md)."""
+        """1.0 where the detected attribute is preferred, else 0.0: the toy style scorer (docs/evaluation.md)."""
         return np.array([detect_attributes(image)[self.attribute] in self.preferred for image in images], dtype=float)
 
     def score(self, image: ImageLike) -> float:

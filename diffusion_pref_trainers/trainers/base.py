@@ -120,8 +120,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
 
         self.pipe = load_pipeline(model)
         self.family = get_family(self.pipe, self.args)
-        if self.args.resolution is None:  # the pipeline's own size; a copy, so the caller's config stays as given
-            self.args = dataclasses.replace(self.args, resolution=self.family.default_resolution)
+        self._apply_family_defaults()
         self._check_resolution()
         self._dataset_name = train_dataset if isinstance(train_dataset, str) else None
         self._example_prompt: str | None = None  # the first training prompt, once the data is read
@@ -175,6 +174,18 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
                 "Use `optim='adamw_torch'` on a CPU; keep %s for a GPU.",
                 self.args.optim, self.args.optim,
             )  # fmt: skip
+
+    def family_defaults(self) -> dict[str, Any]:
+        """The model family's value of each config field that None leaves to it (subclasses add their own)."""
+        return {"resolution": self.family.default_resolution}  # the pipeline's own size
+
+    def _apply_family_defaults(self) -> None:
+        """Fill the fields left as None with the family's values on a copy, so the caller's config stays as given."""
+        unset = {name: value for name, value in self.family_defaults().items() if getattr(self.args, name) is None}
+        if unset:
+            self.args = dataclasses.replace(self.args, **unset)
+            for name, value in unset.items():
+                logger.info("`%s` not set: using %s, the %s family's default.", name, value, self.family.name)
 
     def _check_resolution(self) -> None:
         """Resolutions the VAE (and patching) cannot divide are rejected before anything runs."""

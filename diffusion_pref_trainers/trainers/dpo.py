@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from diffusion_pref_trainers.configs import DiffusionDPOConfig
-from diffusion_pref_trainers.losses import dpo_loss, reward_metrics, safeguarded_errors
+from diffusion_pref_trainers.losses import dpo_loss, reward_metrics, safeguarded_errors, with_sft_term
 from diffusion_pref_trainers.trainers.base import DiffusionPreferenceTrainer
 
 
@@ -24,6 +24,10 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
     config_class = DiffusionDPOConfig
     method = "diffusion-dpo"
     _safeguard_scale: torch.Tensor | None = None
+
+    def family_defaults(self) -> dict[str, Any]:
+        """`beta` too: its useful size depends on the family's errors (docs/model_families.md)."""
+        return {**super().family_defaults(), "beta": self.family.default_beta}
 
     def swaps_preferences(self) -> bool:
         """Diffusion-NPO's negative adapter trains on swapped pairs."""
@@ -52,6 +56,5 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
             model_w, model_l, ref_w, ref_l, beta=args.beta, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
         )  # fmt: skip
-        if args.sft_weight:
-            loss = loss + args.sft_weight * model_w.mean()
+        loss = with_sft_term(loss, model_w, args.sft_weight)
         return loss, {**reward_metrics(model_w, model_l, ref_w, ref_l, beta=args.beta), **self.safeguard_metrics()}

@@ -8,7 +8,7 @@ import torch
 
 from diffusion_pref_trainers.configs import DiffusionKTOConfig
 from diffusion_pref_trainers.data import drop_ties
-from diffusion_pref_trainers.losses import implicit_rewards, kto_loss, kto_metrics
+from diffusion_pref_trainers.losses import implicit_rewards, kto_loss, kto_metrics, kto_pair_accuracy
 from diffusion_pref_trainers.trainers.base import DiffusionPreferenceTrainer
 
 
@@ -64,9 +64,5 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
             undesirable_weight=args.undesirable_weight, kl=kl,
         )  # fmt: skip
         metrics = kto_metrics(model_err, ref_err, desirable, kl, beta=args.beta)
-        if paired:  # does each winner beat its own loser (on the same noise)?
-            chosen, rejected = rewards.detach().chunk(2)
-            metrics["rewards/accuracies"] = (chosen > rejected).float().mean()
-        else:  # a single image has no partner: unmeasurable, left out of averages
-            metrics["rewards/accuracies"] = rewards.new_tensor(float("nan"))
+        metrics["rewards/accuracies"] = kto_pair_accuracy(model_err, ref_err, paired=paired)
         return loss, metrics

@@ -15,7 +15,7 @@ from peft import LoraConfig
 
 from diffusion_pref_trainers.cache import weights_identity
 from diffusion_pref_trainers.configs import DiffusionRPOConfig
-from diffusion_pref_trainers.losses import reward_metrics, rpo_loss, rpo_weights
+from diffusion_pref_trainers.losses import reward_metrics, rpo_loss, rpo_process_scale, rpo_weights, with_sft_term
 from diffusion_pref_trainers.similarity import (
     ClipEmbedder,
     PipelineTextEmbedder,
@@ -90,9 +90,13 @@ class DiffusionRPOTrainer(DiffusionDPOTrainer):
             out["chosen_images"], out["rejected_images"] = rows["clip_images"][:, 0], rows["clip_images"][:, 1]
         return {key: value.to(self.accelerator.device) for key, value in out.items()}
 
+    def _gathers(self) -> bool:
+        """Whether the matrix spans every process's rows (gathering is on and there is more than one process)."""
+        return self.args.gather_across_processes and self.accelerator.num_processes > 1
+
     def _global(self, local: torch.Tensor) -> torch.Tensor:
         """All processes' rows, in process order, with gradient flowing to this process's own rows."""
-        if not self.args.gather_across_processes or self.accelerator.num_processes == 1:
+        if not self._gathers():
             return local
         gathered = list(self.accelerator.gather(local.detach()).chunk(self.accelerator.num_processes))
         gathered[self.accelerator.process_index] = local
@@ -110,8 +114,7 @@ class DiffusionRPOTrainer(DiffusionDPOTrainer):
             model_w, model_l, ref_w, ref_l, similarity, beta=args.beta, temperature=args.distance_temperature,
             loss_type=args.loss_type, label_smoothing=args.label_smoothing,
         )  # fmt: skip
-        if args.sft_weight:
-            loss = loss + args.sft_weight * model_w.mean()
+        loss = with_sft_term(loss, model_w, args.sft_weight)
         weights = rpo_weights(similarity, args.distance_temperature)
         metrics = {
             **reward_metrics(model_w, model_l, ref_w, ref_l, beta=args.beta),
@@ -120,7 +123,4 @@ class DiffusionRPOTrainer(DiffusionDPOTrainer):
             "rpo/similarity_mean": similarity.mean(),
             **self.safeguard_metrics(),
         }
-        # Each process back-propagates only through its own rows of the global matrix; DDP averages the
-        # gradients over processes, so scaling by their number yields the gradient of the global mean loss.
-        scale = self.accelerator.num_processes if model_w.shape[0] > model_err.shape[0] // 2 else 1
-        return loss * scale, metrics
+        return loss * rpo_process_scale(self.accelerator.num_processes, gathered=self._gathers()), metrics
