@@ -76,14 +76,14 @@ class StepClock(TrainerCallback):
         self.stamps: list[float] = []
         self.rss_at_train_begin_mib: float | None = None
 
-    def on_train_begin(self, trainer: Any) -> None:
+    def on_train_begin(self, args: Any = None, state: Any = None, control: Any = None, **kwargs: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self.rss_at_train_begin_mib = current_rss_mib()
         self.stamps.append(time.perf_counter())
 
-    def on_step_end(self, trainer: Any) -> None:
+    def on_step_end(self, args: Any = None, state: Any = None, control: Any = None, **kwargs: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())

@@ -85,7 +85,7 @@ def _baseline_times(kit: str, pairs: int, steps: int, resolution: int, precision
     winners, losers = _pixels(data["chosen"]).to(device, dtype), _pixels(data["rejected"]).to(device, dtype)
     prompts = list(data["prompt"])
     clock = StepClock()
-    clock.on_train_begin(None)
+    clock.on_train_begin()
     for _ in range(steps):
         with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
             with torch.no_grad():
@@ -109,7 +109,7 @@ def _baseline_times(kit: str, pairs: int, steps: int, resolution: int, precision
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        clock.on_step_end(None)
+        clock.on_step_end()
     return clock.seconds()
 
 

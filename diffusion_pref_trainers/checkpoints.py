@@ -125,11 +125,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def rotate(output_dir: str | Path, limit: int | None, run_fingerprint: str) -> list[Path]:
-    """Delete this run's oldest checkpoints beyond `limit` (never another run's); returns the deleted folders."""
+def rotate(output_dir: str | Path, limit: int | None, run_fingerprint: str, keep: str | None = None) -> list[Path]:
+    """Delete this run's oldest checkpoints beyond `limit` (never another run's, nor `keep`, the best one, as
+    transformers keeps it); returns the deleted folders."""
     if limit is None:
         return []
-    doomed = [path for path in list_checkpoints(output_dir) if belongs(path, run_fingerprint)][:-limit]
+    own = [path for path in list_checkpoints(output_dir) if belongs(path, run_fingerprint)][:-limit]
+    doomed = [path for path in own if keep is None or path != Path(keep)]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

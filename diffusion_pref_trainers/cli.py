@@ -207,7 +207,8 @@ def run(command_line: CommandLine) -> dict[str, Any]:
     trainer = TRAINERS[script.method](model, args, train, eval_dataset=eval_)
     before = trainer.evaluate() if trainer.eval_dataset is not None else {}
     start = time.perf_counter()
-    state = trainer.train()
+    trainer.train()
+    state = trainer.state
     seconds = time.perf_counter() - start
     final = {k: v for entry in state.log_history for k, v in entry.items() if k.startswith("eval_")}
     return {

@@ -341,7 +341,11 @@ class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
     save_steps: int = _help(
         "With save_strategy='steps': write a checkpoint every this many optimizer steps; 0 disables.", 500
     )
-    save_total_limit: int | None = _help("Keep at most this many checkpoints (oldest deleted first).", None)
+    save_total_limit: int | None = _help(
+        "Keep at most this many checkpoints (oldest deleted first; the best one, by `metric_for_best_model`, is kept "
+        "too).",
+        None,
+    )
     eval_strategy: str = _help(
         "When `train()` evaluates (with an eval set): 'steps' (every `eval_steps`), 'epoch' (at the end of every "
         "epoch) or 'no' (never; `evaluate()` still can). Except with 'no', `train()` also evaluates at its end "
@@ -352,6 +356,19 @@ class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
         "With eval_strategy='steps': evaluate every this many optimizer steps; 0: only at the end of `train()`.", 0
     )
     eval_on_start: bool = _help("Evaluate once before the first training step (needs an eval set).", False)
+    metric_for_best_model: str | None = _help(
+        "Evaluation metric (e.g. 'loss' or 'eval_rewards/accuracies') tracked in `state.best_metric`, "
+        "`best_global_step` and `best_model_checkpoint`, as transformers; what `EarlyStoppingCallback` watches.",
+        None,
+    )
+    greater_is_better: bool | None = _help(
+        "Whether a larger `metric_for_best_model` is better; None: False for a metric ending in 'loss', else True.",
+        None,
+    )
+    load_best_model_at_end: bool = _help(
+        "Not supported (False only): load `state.best_model_checkpoint` after training with `load_lora_weights`.",
+        False,
+    )
     eval_noise_draws: int = _help(
         "Fixed noise/timestep draws averaged per pair in `evaluate()`: more draws, less noisy accuracy.", 4
     )
@@ -553,6 +570,13 @@ class DiffusionTrainingConfig(metaclass=_RefusesUnknownNames):
         _check(self.eval_steps >= 0, "`eval_steps` must be >= 0.")
         self._check_schedules()
         _check(self.eval_noise_draws >= 1, "`eval_noise_draws` must be >= 1.")
+        _check(
+            not self.load_best_model_at_end,
+            "`load_best_model_at_end=True` is not supported: training ends with the last weights. Set "
+            "`metric_for_best_model` and load `trainer.state.best_model_checkpoint` (a checkpoint folder) yourself.",
+        )
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
         _check(self.num_validation_images >= 1, "`num_validation_images` must be >= 1.")
         _check(
             self.validation_inference_steps is None or self.validation_inference_steps >= 1,

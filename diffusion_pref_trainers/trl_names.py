@@ -65,11 +65,9 @@ REFUSED: dict[str, str] = {
     "enable_jit_checkpoint": "not offered; set `save_steps` and resume with `resume_from_checkpoint='latest'`",
     "hub_always_push": "a checkpoint push is skipped while the previous upload runs; not configurable",
     "hub_revision": "pushes go to the repo's main branch; not configurable",
-    "load_best_model_at_end": "not offered; evaluate the `checkpoint-N` folders and load the one you want",
-    "metric_for_best_model": "not offered (no best-model tracking); compare the `eval_*` metrics in the logs",
-    "greater_is_better": "not offered (no best-model tracking)",
     "ignore_data_skip": "a resume always continues the data order exactly where it stopped",
-    "restore_callback_states_from_checkpoint": "callbacks are not checkpointed",
+    "restore_callback_states_from_checkpoint": "a resume always gives `ExportableState` callbacks (e.g. "
+    "`EarlyStoppingCallback`) their checkpointed state",
     "full_determinism": "runs are seeded from `seed` (and `data_seed`); set "
     "`torch.use_deterministic_algorithms(True)` in your script for deterministic kernels",
     "use_cpu": f"{_ACCELERATE}, or run with `ACCELERATE_USE_CPU=true`",
@@ -114,7 +112,10 @@ NOTES: dict[str, str] = {
     "logging_steps": "a whole number of steps (no ratio); default 10 (theirs: 500)",
     "eval_steps": "a whole number of steps; 0 (default) evaluates only at the end of `train()`",
     "eval_strategy": "default 'steps' (theirs: 'no'); any strategy but 'no' also evaluates at the end of `train()`",
-    "save_strategy": "'no', 'steps' or 'epoch' ('best' needs best-model tracking, not offered)",
+    "save_strategy": "'no', 'steps' or 'epoch' ('best' is not offered)",
+    "load_best_model_at_end": "False only: True is refused; load `state.best_model_checkpoint` (a checkpoint folder) "
+    "yourself",
+    "save_total_limit": "the best checkpoint (by `metric_for_best_model`) is kept too",
     "save_steps": "a whole number of steps; 0 disables checkpoints",
     "hub_strategy": "'end' (default; theirs: 'every_save') or 'every_save'",
     "warmup_steps": "below 1 a ratio of the total steps, as theirs",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from helpers import InterruptAt, Interrupted
 from peft.utils import get_peft_model_state_dict
 
 from diffusion_pref_trainers import DiffusionDPOTrainer, TrainerCallback, checkpoints
@@ -23,21 +24,6 @@ CHECKPOINT_FILES = [
     ADAPTER_FILE, "optimizer.json", "optimizer.safetensors", LORA_FILE, "random_states_0.json",
     "random_states_0.safetensors", "run.json", "scheduler.json", STATE_FILE,
 ]  # fmt: skip
-
-
-class _Interrupted(Exception):
-    """Stands for a job killed between two steps."""
-
-
-class _StopAt(TrainerCallback):
-    """Interrupts training after the optimizer step `step` (and after its checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.step:
-            raise _Interrupted
 
 
 def _names(folder: str | Path) -> list[str]:
@@ -103,8 +89,8 @@ def test_save_steps_write_complete_checkpoints_atomically_and_keep_the_newest(pa
     on_disk_at_save = []
 
     class Watch(TrainerCallback):
-        def on_save(self, trainer, checkpoint_dir) -> None:
-            on_disk_at_save.append((Path(checkpoint_dir).name, _names(trainer.args.output_dir)))
+        def on_save(self, args, state, control, **kwargs) -> None:
+            on_disk_at_save.append((f"checkpoint-{state.global_step}", _names(args.output_dir)))
 
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[Watch()])
     written_into = []
@@ -148,11 +134,18 @@ def test_a_lora_checkpoint_loads_with_load_lora_weights_and_reproduces_its_step(
     at_save = {}
 
     class Render(TrainerCallback):
-        def on_save(self, trainer, checkpoint_dir) -> None:
-            with torch.no_grad():
-                at_save[Path(checkpoint_dir).name] = _sample(trainer.pipe)
+        def __init__(self, trainer) -> None:
+            self.trainer = trainer
 
-    DiffusionDPOTrainer(tiny_pipe_dir, args, pairs, callbacks=[Render()]).train()
+        def on_save(self, args, state, control, **kwargs) -> None:
+            with torch.no_grad():
+                at_save[checkpoints.checkpoint_path(args.output_dir, state.global_step).name] = _sample(
+                    self.trainer.pipe
+                )
+
+    trainer = DiffusionDPOTrainer(tiny_pipe_dir, args, pairs)
+    trainer.add_callback(Render(trainer))
+    trainer.train()
     fresh = DiffusionPipeline.from_pretrained(tiny_pipe_dir)
     base = _sample(fresh)
     fresh.load_lora_weights(str(checkpoints.checkpoint_path(args.output_dir, 2)))
@@ -211,8 +204,8 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, rows, se
     straight.train()
 
     args = make_config(**settings, output_dir=str(tmp_path / "b"))
-    interrupted = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[_StopAt(stop)])
-    with pytest.raises(_Interrupted):
+    interrupted = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[InterruptAt(stop)])
+    with pytest.raises(Interrupted):
         interrupted.train()
     at_checkpoint = _trained_weights(interrupted)
     folder = tmp_path / "b" / f"checkpoint-{stop}"

@@ -334,7 +334,7 @@ class _Stopped(Exception):
 
 
 class _StopAtBegin(TrainerCallback):
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
         raise _Stopped
 
 

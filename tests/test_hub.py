@@ -272,15 +272,15 @@ def test_push_to_hub_true_pushes_every_save_in_the_background_and_at_the_end(
     class ReleaseAtStep2(TrainerCallback):
         """Holds the step-1 upload until step 2 is done, then lets it finish before step 3."""
 
-        def on_step_end(self, trainer) -> None:
-            if trainer.state.global_step == 2:
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            if state.global_step == 2:  # step 3 begins
                 release.set()
                 trainer._push_future.result(timeout=30)
 
     from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
     args = _config(tmp_path, push_to_hub=True, hub_strategy="every_save", hub_model_id="me/live", max_steps=3)
-    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[ReleaseAtStep2()])
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[ReleaseAtStep2])
     trainer.train()
     commits = online.of("create_commit")
     # Step 1 is still uploading at step 2 (skipped); step 3 is pushed after it finished; then the final push.

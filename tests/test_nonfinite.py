@@ -26,8 +26,9 @@ class _WeightsPerStep(TrainerCallback):
     def __init__(self) -> None:
         self.weights: dict[int, list[torch.Tensor]] = {}
 
-    def on_step_end(self, trainer: Any) -> None:
-        self.weights[trainer.state.global_step] = [p.detach().clone() for p in trainer.trainable_parameters]
+    def on_step_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module, **kwargs: Any) -> None:
+        trained = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        self.weights[state.global_step] = trained
 
 
 def _poison_policy(trainer: DiffusionDPOTrainer, monkeypatch: pytest.MonkeyPatch, from_call: int, calls: int) -> None:
@@ -64,7 +65,8 @@ def test_a_nan_micro_batch_skips_its_step_and_training_goes_on(
     trainer = DiffusionDPOTrainer(tiny_pipe_dir, config, pairs, callbacks=[recorder])
     _poison_policy(trainer, monkeypatch, from_call=2, calls=1)  # step 2's only micro-batch
     with caplog.at_level(logging.WARNING):
-        state = trainer.train()
+        trainer.train()
+    state = trainer.state
 
     assert state.global_step == 4 and state.nonfinite_steps == 1 and state.nonfinite_streak == []
     assert "Step 2: the loss or gradient norm is not finite" in caplog.text

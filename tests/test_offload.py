@@ -89,7 +89,7 @@ class DeviceRecorder(TrainerCallback):
     def __init__(self, module: torch.nn.Module) -> None:
         self.module, self.at_steps = module, []
 
-    def on_step_end(self, trainer) -> None:
+    def on_step_end(self, args, state, control, **kwargs) -> None:
         self.at_steps.append(_devices(self.module))
 
 
@@ -116,13 +116,14 @@ def test_cached_training_and_evaluation_never_read_the_offloaded_encoders(
     pipe = trainer.pipe
     text_before = {name: p.detach().clone() for name, p in pipe.text_encoder.named_parameters() if p.requires_grad}
     trainer.encoder_offload.device = trainer.encoder_offload.offload_device = META
-    trainer.callbacks.append(DeviceRecorder(pipe.vae))
+    recorder = DeviceRecorder(pipe.vae)
+    trainer.add_callback(recorder)
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert len(losses) == 2 and len(evals) == 2 and all(math.isfinite(value) for value in losses + evals)
-    assert trainer.callbacks[-1].at_steps == [{"meta"}, {"meta"}]  # offloaded while it trained
+    assert recorder.at_steps == [{"meta"}, {"meta"}]  # offloaded while it trained
     assert _devices(pipe.vae) == {"meta"} and _devices(pipe.unet) == {"cpu"}
     assert Path(trainer.args.output_dir, "pytorch_lora_weights.safetensors").is_file()
     if train_text_encoder:
@@ -136,14 +137,14 @@ def test_cached_training_and_evaluation_never_read_the_offloaded_encoders(
 class OffloadRecorder(TrainerCallback):
     """Whether the encoders were offloaded at each step's end, and around a new dataset's evaluation at the first."""
 
-    def __init__(self, extra_eval) -> None:
-        self.extra_eval, self.at_steps, self.around_eval, self.metrics = extra_eval, [], [], None
+    def __init__(self, trainer, extra_eval) -> None:
+        self.trainer, self.extra_eval, self.at_steps, self.around_eval, self.metrics = trainer, extra_eval, [], [], None
 
-    def on_step_end(self, trainer) -> None:
-        self.at_steps.append(trainer.encoder_offload.offloaded)
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.at_steps.append(self.trainer.encoder_offload.offloaded)
         if self.metrics is None:
-            self.metrics = trainer.evaluate(self.extra_eval)
-            self.around_eval.append(trainer.encoder_offload.offloaded)
+            self.metrics = self.trainer.evaluate(self.extra_eval)
+            self.around_eval.append(self.trainer.encoder_offload.offloaded)
 
 
 def test_a_cached_run_offloads_while_training_and_renders_its_samples_with_the_encoders_back(
@@ -167,8 +168,8 @@ def test_a_cached_run_offloads_while_training_and_renders_its_samples_with_the_e
 
     monkeypatch.setattr(hub, "render_samples", recording("render", hub.render_samples))
     monkeypatch.setattr(cache, "cache_dataset", recording("cache_build", cache.cache_dataset))
-    recorder = OffloadRecorder(make_preference_dataset(4, seed=5))
-    trainer.callbacks.append(recorder)
+    recorder = OffloadRecorder(trainer, make_preference_dataset(4, seed=5))
+    trainer.add_callback(recorder)
     trainer.train()
 
     assert recorder.at_steps == [True, True]
@@ -200,8 +201,8 @@ def test_validation_steps_render_with_the_encoders_back_and_the_denoiser_in_eval
         return render(*call_args, **kwargs)
 
     monkeypatch.setattr(hub, "render_comparison", recording)
-    recorder = OffloadRecorder(make_preference_dataset(4, seed=5))
-    trainer.callbacks.append(recorder)
+    recorder = OffloadRecorder(trainer, make_preference_dataset(4, seed=5))
+    trainer.add_callback(recorder)
     trainer.train()
 
     assert during == [(False, False), (False, False)]  # step 1, and the end (step 2): encoders back, eval mode
@@ -211,8 +212,11 @@ def test_validation_steps_render_with_the_encoders_back_and_the_denoiser_in_eval
 class FailingStep(TrainerCallback):
     """Records whether the encoders were offloaded and the loaders kept at the first step's end, then fails."""
 
-    def on_step_end(self, trainer) -> None:
-        self.during = (trainer.encoder_offload.offloaded, bool(trainer._loaders.kept))
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.during = (self.trainer.encoder_offload.offloaded, bool(self.trainer._loaders.kept))
         raise RuntimeError("a step failed")
 
 
@@ -221,8 +225,9 @@ def test_a_failing_step_gives_the_encoders_back_and_ends_the_loaders(tmp_path, p
         output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=2, max_steps=2, save_steps=0,
         cache_latents=True, cache_dir=str(tmp_path / "cache"), dataloader_num_workers=1,
     )  # fmt: skip
-    failing = FailingStep()
-    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[failing])
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs)
+    failing = FailingStep(trainer)
+    trainer.add_callback(failing)
     with pytest.raises(RuntimeError, match="a step failed"):
         trainer.train()
     assert failing.during == (True, True)  # offloaded, with a kept loader (and its worker), while it trained

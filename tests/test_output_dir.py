@@ -13,32 +13,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import InterruptAt, Interrupted
 
 from diffusion_pref_trainers import DiffusionDPOTrainer, TrainerCallback, checkpoints
 from diffusion_pref_trainers.folder_lock import LOCK_FILE
 from diffusion_pref_trainers.testing import tiny_sd_pipeline
 
 
-class _Interrupted(Exception):
-    """Stands for a job killed between two steps."""
-
-
-class _StopAt(TrainerCallback):
-    """Interrupts training after the optimizer step `step` (and after its checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.step:
-            raise _Interrupted
-
-
 class _Optimizer(TrainerCallback):
     """Records the optimizer's settings as training begins (after any resume)."""
 
-    def on_train_begin(self, trainer) -> None:
-        self.groups = [dict(group) for group in trainer.optimizer.param_groups]
+    def on_train_begin(self, args, state, control, optimizer, **kwargs) -> None:
+        self.groups = [dict(group) for group in optimizer.param_groups]
 
 
 def _names(folder: str | Path) -> list[str]:
@@ -64,8 +50,8 @@ def test_a_stale_run_in_the_folder_is_never_resumed_rotated_or_mixed_in(pairs, m
 
     # ...and with overwrite_output_dir deletes the old checkpoints, then trains its own steps.
     new_args.overwrite_output_dir = True
-    with pytest.raises(_Interrupted):
-        DiffusionDPOTrainer(tiny_sd_pipeline(), new_args, pairs, callbacks=[_StopAt(1)]).train()
+    with pytest.raises(Interrupted):
+        DiffusionDPOTrainer(tiny_sd_pipeline(), new_args, pairs, callbacks=[InterruptAt(1)]).train()
     assert _names(out) == ["checkpoint-1"]
 
     # The old run's checkpoint is back, at a later step: 'latest' resumes this run's, rotation keeps the foreign one.
@@ -103,8 +89,8 @@ def test_resume_past_max_steps_is_refused(pairs, make_config) -> None:
 
 def test_a_truncated_optimizer_file_is_a_damaged_checkpoint(pairs, make_config) -> None:
     args = make_config(max_steps=2, save_steps=1)
-    with pytest.raises(_Interrupted):
-        DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[_StopAt(1)]).train()
+    with pytest.raises(Interrupted):
+        DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[InterruptAt(1)]).train()
     optimizer = Path(args.output_dir, "checkpoint-1", "optimizer.safetensors")
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
     with pytest.raises(ValueError, match="checkpoint-1 is damaged: optimizer.*earlier checkpoint"):

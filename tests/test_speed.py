@@ -25,7 +25,8 @@ def _train(pairs, make_config, **switches) -> tuple[list[dict], torch.Tensor, Di
     trained minus initial) and the trainer."""
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(**switches), pairs)
     before = _adapter_weights(trainer)
-    logs = trainer.train().log_history
+    trainer.train()
+    logs = trainer.state.log_history
     return logs, _adapter_weights(trainer) - before, trainer
 
 

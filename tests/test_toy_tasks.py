@@ -159,13 +159,17 @@ def test_toy_datasets_train_the_dpo_and_kto_trainers(make_config, tmp_path) -> N
 
     prompts, _ = prompt_split(16, 0, seed=4)
     pairs = build_preference_dataset(RendererSampler(size=32), prompts, "warm")
-    state = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(per_device_train_batch_size=2), pairs).train()
+    dpo = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(per_device_train_batch_size=2), pairs)
+    dpo.train()
+    state = dpo.state
     losses = [log["loss"] for log in state.log_history if "loss" in log]
     assert state.global_step == 2 and len(losses) == 2 and np.isfinite(losses).all()
     singles = build_unpaired_dataset(RendererSampler(size=32), prompts, "warm")
     args = DiffusionKTOConfig(output_dir=str(tmp_path / "kto"), resolution=32, per_device_train_batch_size=2,
                               max_steps=2, learning_rate=1e-3, logging_steps=1, save_steps=0)  # fmt: skip
-    state = DiffusionKTOTrainer(tiny_sd_pipeline(), args, singles).train()
+    kto = DiffusionKTOTrainer(tiny_sd_pipeline(), args, singles)
+    kto.train()
+    state = kto.state
     losses = [log["loss"] for log in state.log_history if "loss" in log]
     assert state.global_step == 2 and len(losses) == 2 and np.isfinite(losses).all()
 

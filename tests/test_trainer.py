@@ -218,8 +218,8 @@ def test_gradient_accumulation_steps_once_per_window(pairs, make_config) -> None
     steps = []
 
     class CountSteps(TrainerCallback):
-        def on_step_end(self, trainer) -> None:
-            steps.append(trainer.state.global_step)
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            steps.append(state.global_step)
 
     args = make_config(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, callbacks=[CountSteps()])

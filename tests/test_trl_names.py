@@ -148,7 +148,9 @@ def test_eval_and_logging_schedules(pairs, make_config) -> None:
     args = make_config(
         max_steps=4, logging_steps=3, logging_first_step=True, eval_steps=2, eval_on_start=True, eval_noise_draws=1
     )
-    history = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, eval_dataset=pairs).train().log_history
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, eval_dataset=pairs)
+    trainer.train()
+    history = trainer.state.log_history
     assert _steps(history, "eval_loss") == [0, 2, 4]  # before step 1, on schedule, no repeat at the end
     assert _steps(history, "loss") == [1, 3, 4]
 
@@ -156,7 +158,8 @@ def test_eval_and_logging_schedules(pairs, make_config) -> None:
 def test_epoch_strategies_evaluate_and_save_at_each_epoch_end(pairs, make_config) -> None:
     args = make_config(max_steps=3, eval_strategy="epoch", save_strategy="epoch", save_steps=1, eval_noise_draws=1)
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, eval_dataset=pairs)  # 2 steps per epoch
-    history = trainer.train().log_history
+    trainer.train()
+    history = trainer.state.log_history
     assert _steps(history, "eval_loss") == [2, 3]  # the epoch's end, then the end of training
     assert sorted(path.name for path in Path(args.output_dir).glob("checkpoint-*")) == ["checkpoint-2"]
 
@@ -164,7 +167,8 @@ def test_epoch_strategies_evaluate_and_save_at_each_epoch_end(pairs, make_config
 def test_strategy_no_never_evaluates_nor_saves(pairs, make_config) -> None:
     args = make_config(eval_strategy="no", save_strategy="no", save_steps=1)
     trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), args, pairs, eval_dataset=pairs)
-    assert _steps(trainer.train().log_history, "eval_loss") == []
+    trainer.train()
+    assert _steps(trainer.state.log_history, "eval_loss") == []
     assert not list(Path(args.output_dir).glob("checkpoint-*"))
 
 

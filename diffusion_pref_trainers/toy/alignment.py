@@ -137,7 +137,8 @@ def run_experiment(
     trainer = trainer_class(pipe, trainer_class.config_class(**settings), data.train, eval_dataset=data.eval)
     before = trainer.evaluate()
     start = time.perf_counter()
-    state = trainer.train()
+    trainer.train()
+    state = trainer.state
     train_seconds = time.perf_counter() - start
     after = trainer.evaluate()
     aligned = _generate(trainer.pipe, data.eval_prompts, experiment, "generating aligned model's held-out images")

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.trainer_utils import TrainOutput
 
 from diffusion_pref_trainers import adapters, cache, hub, offload, speed, tracking
 from diffusion_pref_trainers.configs import BNB_OPTIMIZERS, DiffusionTrainingConfig
@@ -56,6 +58,7 @@ from diffusion_pref_trainers.loader import Loaders
 from diffusion_pref_trainers.optim import build_optimizer, build_scheduler, check_scheduler_kwargs
 from diffusion_pref_trainers.sources import load_pipeline, load_preference_dataset
 from diffusion_pref_trainers.state import TrainerCallback, TrainerState
+from diffusion_pref_trainers.trainers.callbacks import CallbacksMixin
 from diffusion_pref_trainers.trainers.checkpointing import CheckpointingMixin
 from diffusion_pref_trainers.trainers.publishing import PublishingMixin, loggable_config
 
@@ -67,8 +70,8 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 DATA_COUNTS = ("skipped_rows", "empty_prompts", "truncated_prompts")
 
 
-class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
-    """Base trainer: `train()`, `evaluate()`, `save_model()`, `push_to_hub()` and `state.log_history`."""
+class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksMixin):
+    """Base trainer: `train()`, `evaluate()`, `save_model()`, `push_to_hub()`, `state.log_history` and callbacks."""
 
     config_class: ClassVar[type[DiffusionTrainingConfig]] = DiffusionTrainingConfig
     method: ClassVar[str] = "diffusion-preference"
@@ -83,6 +86,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         eval_dataset: Any = None,
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None] = (None, None),
     ) -> None:
         self.args = args if args is not None else self.config_class()
         if not isinstance(self.args, self.config_class):
@@ -92,7 +96,13 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         if self.args.push_to_hub:
             hub.ensure_hub_reachable(self.args.hub_token)
         _check_trackers(self.args.report_to)
-        self.callbacks = list(callbacks or [])
+        optimizer, self.lr_scheduler = optimizers
+        if optimizer is None and self.lr_scheduler is not None:
+            raise ValueError(
+                "`optimizers=(None, lr_scheduler)`: a scheduler steps the optimizer it was built on; pass that "
+                "optimizer too, `optimizers=(optimizer, lr_scheduler)`, or neither."
+            )
+        self._custom_optimizer = optimizer is not None
         self.state = TrainerState()
         # accelerate keeps one state per process and refuses a second Accelerator with another precision; like
         # transformers' Trainer, start each trainer from a fresh one (the process group, if any, is kept).
@@ -126,15 +136,15 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         idle = offload.modules_to_offload(self.family, self.args, trained_text_encoders=bool(self.text_encoders))
         self.encoder_offload = offload.EncoderOffload(idle, self.accelerator.device)
         self.train_dataset, self.eval_dataset = self._cached(self.train_dataset), self._cached(self.eval_dataset)
-        self.optimizer = build_optimizer(self.args, self.trainable_parameters)
-        self.denoiser, self.optimizer = self.accelerator.prepare(self.family.denoiser, self.optimizer)
-        self.lr_scheduler = None
+        optimizer = optimizer if optimizer is not None else build_optimizer(self.args, self.trainable_parameters)
+        self.denoiser, self.optimizer = self.accelerator.prepare(self.family.denoiser, optimizer)
         self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
         self._step_metrics: dict[str, list[torch.Tensor]] = {}  # the micro-batches of the optimizer step under way
         self._hub_repo_id: str | None = None
-        self._evaluated_at: int | None = None  # the step of the latest evaluation in `train()`
         self._push_executor: ThreadPoolExecutor | None = None
         self._push_future: Future | None = None
+        self._evaluated_at: int | None = None  # the step of the last evaluation during `train()`
+        self._init_callbacks(callbacks)
 
     # ----------------------------------------------------------------------------------------- setup
     def _check_device(self) -> None:
@@ -445,8 +455,11 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         return max(1, math.ceil(self.args.num_train_epochs * per_epoch / self.args.gradient_accumulation_steps))
 
     # -------------------------------------------------------------------------------------- train
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainerState:
-        """Run the training loop; resumes exactly from a checkpoint folder or 'latest' when asked."""
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Run the training loop; resumes exactly from a checkpoint folder or 'latest' when asked.
+
+        Returns transformers' `TrainOutput(global_step, training_loss, metrics)`; the state is `trainer.state`.
+        """
         if self.train_dataset is None:
             raise ValueError("No `train_dataset` was given to the trainer.")
         args = self.args
@@ -467,13 +480,26 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             resume = self._prepare_output_dir(resume_from_checkpoint or args.resume_from_checkpoint, total)
             if resume is not None:
                 self._load_checkpoint(resume)
+            self._set_state_references(total, per_epoch)
             return self._train_locked(total, per_epoch)
         finally:
             self._lock.release()
 
-    def _train_locked(self, total: int, per_epoch: int | None) -> TrainerState:
+    def _set_state_references(self, total: int, per_epoch: int | None) -> None:
+        """The run's settings in `state`, as transformers' Trainer puts them there for its callbacks."""
+        state, args = self.state, self.args
+        state.max_steps, state.train_batch_size = total, args.per_device_train_batch_size
+        steps_per_epoch = per_epoch / args.gradient_accumulation_steps if per_epoch else None
+        state.num_train_epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else int(args.num_train_epochs)
+        state.logging_steps, state.eval_steps, state.save_steps = args.logging_steps, args.eval_steps, args.save_steps
+        state.is_world_process_zero = self.accelerator.is_main_process
+        state.is_local_process_zero = self.accelerator.is_local_main_process
+
+    def _train_locked(self, total: int, per_epoch: int | None) -> TrainOutput:
         """The loop, the final evaluation, save and push of `train()`, once the output folder is this run's."""
-        args = self.args
+        args, start, first_step = self.args, time.time(), self.state.global_step
+        # The loss summed over this run's kept optimizer steps, and their count, for `TrainOutput`.
+        self._loss_sum, self._kept_steps = torch.zeros((), device=self.accelerator.device), 0
         if self.accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             self._init_trackers()
@@ -481,9 +507,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         progress = tqdm(total=total, initial=self.state.global_step, desc="training", unit="step", disable=not main)
         self.encoder_offload.offload()  # idle while training reads the cache (`offload_cached_encoders`)
         try:
-            for callback in self.callbacks:
-                callback.on_train_begin(self)  # after the offload: a callback measuring memory sees the training's
-            if args.eval_on_start:
+            self._event("on_train_begin")  # after the offload: a callback measuring memory sees the training's
+            if self.control.should_evaluate:  # `eval_on_start` (`StepSchedule.on_train_begin`)
                 self._evaluate_in_training()
             self._run_epochs(total, per_epoch, progress)
             if self.accelerator.is_main_process:  # the count is summed over processes
@@ -495,17 +520,17 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
             progress.close()
             self.encoder_offload.restore()
             self._loaders.close()
+        output = self._train_output(start, first_step, self._loss_sum, self._kept_steps)  # reduced while DDP runs
         self._wait_for_push()
         self.save_model()
         if args.validation_prompts and self.accelerator.is_main_process:
             self._save_samples()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        for callback in self.callbacks:
-            callback.on_train_end(self)
+        self._event("on_train_end")
         if args.push_to_hub:
             self.push_to_hub()
-        return self.state
+        return output
 
     def _run_epochs(self, total: int, per_epoch: int | None, progress: tqdm) -> None:
         """Optimizer steps up to `total`, epoch after epoch, from where `state` stands (mid-epoch on resume)."""
@@ -514,21 +539,25 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         epoch, skip = (micro // per_epoch, micro % per_epoch) if per_epoch else (int(self.state.epoch), 0)
         pending: dict[str, list[torch.Tensor]] = {}
         self.denoiser.train()
-        while self.state.global_step < total:
+        while self.state.global_step < total and not self.control.should_training_stop:
             batches, exhausted = 0, True
+            self._event("on_epoch_begin")
             for batch in self._loaders.batches(
                 self.train_dataset, args.per_device_train_batch_size, epoch, shuffle=True, skip=skip
             ):
                 batches += 1
+                if micro % args.gradient_accumulation_steps == 0:
+                    self._event("on_step_begin")
                 self._train_micro_step(batch, micro, pending)
                 micro += 1
                 if not self.accelerator.sync_gradients:
+                    self._event("on_substep_end")
                     continue
                 self.state.global_step += 1
                 self.state.epoch = micro / per_epoch if per_epoch else float(epoch)
                 progress.update(1)
                 self._after_optimizer_step(pending, progress)
-                if self.state.global_step >= total:
+                if self.state.global_step >= total or self.control.should_training_stop:
                     exhausted = per_epoch is not None and micro % per_epoch == 0
                     break
             if batches == 0:  # a stream with fewer rows than one batch would otherwise loop forever
@@ -536,8 +565,8 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
                     f"An epoch of the training data gave no full batch of {args.per_device_train_batch_size} rows "
                     "(too few rows, or none readable): check the dataset and its split."
                 )
-            if exhausted:
-                self._after_epoch()
+            self._end_epoch(complete=exhausted)
+            self._after_epoch(pending, progress)
             epoch, skip = epoch + 1, 0
 
     def _train_micro_step(self, batch: dict[str, Any], micro: int, pending: dict[str, list[torch.Tensor]]) -> None:
@@ -564,8 +593,12 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         norm = self._clip_gradients()
         metrics, self._step_metrics = self._step_metrics, {}
         if self._step_is_finite(metrics["loss"], norm):
+            self._event("on_pre_optimizer_step")
             self.optimizer.step()
+            self._event("on_optimizer_step")
             self.state.nonfinite_streak = []
+            self._loss_sum += torch.stack(metrics["loss"]).mean().to(self._loss_sum.device)
+            self._kept_steps += 1
             for key, values in {**metrics, "grad_norm": [norm]}.items():
                 pending.setdefault(key, []).extend(values)
         else:
@@ -643,43 +676,52 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         return torch.stack(grads).norm() if grads else torch.zeros(())
 
     def _after_optimizer_step(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
-        """Logging, evaluation and checkpoints on their schedules."""
-        args, step = self.args, self.state.global_step
-        if step % args.logging_steps == 0 or step == self.state.max_steps or (step == 1 and args.logging_first_step):
-            logs = self._reduce(pending) if pending else {}  # empty when every step of the window was skipped
-            counts = torch.tensor(
-                [float(self._counts_pending[key]) for key in DATA_COUNTS], device=self.accelerator.device
-            )
-            for key, count in zip(DATA_COUNTS, self.accelerator.reduce(counts, reduction="sum").tolist(), strict=True):
-                setattr(self.state, key, getattr(self.state, key) + int(count))
-                logs[f"data/{key}"] = float(getattr(self.state, key))
-            self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
-            logs["train/nonfinite_steps"] = float(self.state.nonfinite_steps)
-            logs["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
-            pending.clear()
-            self._log(logs)
-            progress.set_postfix(
-                loss=f"{logs.get('loss', float('nan')):.4g}", acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}"
-            )
-        if args.eval_strategy == "steps" and args.eval_steps and step % args.eval_steps == 0:
+        """`on_step_end`, then the logging, evaluation and checkpoint its control asks for (`StepSchedule`'s and the
+        callbacks'), and the validation images every `validation_steps`."""
+        self._event("on_step_end")
+        step = self.state.global_step
+        if self.control.should_log:
+            self._log_window(pending, progress)
+        if self.control.should_evaluate:
             self._evaluate_in_training()
-        if args.validation_steps and step % args.validation_steps == 0 and step < self.state.max_steps:
+        if self.args.validation_steps and step % self.args.validation_steps == 0 and step < self.state.max_steps:
             self._log_validation()  # the last step's images are the end's (`_save_samples`)
-        if args.save_strategy == "steps" and args.save_steps and step % args.save_steps == 0:
+        if self.control.should_save:
             self._save_and_push()
-        for callback in self.callbacks:
-            callback.on_step_end(self)
 
-    def _after_epoch(self) -> None:
-        """Evaluation and checkpoint of the 'epoch' strategies, once an epoch's last batch has been trained on."""
-        if self.args.eval_strategy == "epoch" and self._evaluated_at != self.state.global_step:
+    def _after_epoch(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
+        """After `on_epoch_end`: the logging, evaluation and checkpoint its control asks for (the 'epoch' strategies'
+        and the callbacks'). An evaluation already made at this step is not repeated."""
+        if self.control.should_log:
+            self._log_window(pending, progress)
+        if self.control.should_evaluate and self._evaluated_at != self.state.global_step:
             self._evaluate_in_training()
-        if self.args.save_strategy == "epoch":
+        self.control.should_evaluate = False
+        if self.control.should_save:
             self._save_and_push()
+
+    def _log_window(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
+        """Log the metrics averaged over the steps since the last log, and the running data counts."""
+        logs = self._reduce(pending) if pending else {}  # empty when every step of the window was skipped
+        counts = torch.tensor([float(self._counts_pending[key]) for key in DATA_COUNTS], device=self.accelerator.device)
+        for key, count in zip(DATA_COUNTS, self.accelerator.reduce(counts, reduction="sum").tolist(), strict=True):
+            setattr(self.state, key, getattr(self.state, key) + int(count))
+            logs[f"data/{key}"] = float(getattr(self.state, key))
+        self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
+        logs["train/nonfinite_steps"] = float(self.state.nonfinite_steps)
+        logs["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+        pending.clear()
+        self._log(logs)
+        progress.set_postfix(
+            loss=f"{logs.get('loss', float('nan')):.4g}", acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}"
+        )
 
     def _evaluate_in_training(self) -> None:
-        """Evaluate and log at the current step, remembering the step (`train()` then skips a repeat at its end)."""
-        self._log(self.evaluate())
+        """Evaluate (callbacks get `on_evaluate`), log the metrics and track the best one, remembering the step
+        (`train()` then skips a repeat at its end)."""
+        metrics = self.evaluate()
+        self._log(metrics)
+        self._track_best(metrics)
         self._evaluated_at = self.state.global_step
 
     def _save_and_push(self) -> None:
@@ -714,8 +756,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         entry = {**logs, "step": self.state.global_step, "epoch": round(self.state.epoch, 4)}
         self.state.log_history.append(entry)
         self.accelerator.log(tracking.namespaced({**logs, "epoch": entry["epoch"]}), step=self.state.global_step)
-        for callback in self.callbacks:
-            callback.on_log(self, entry)
+        self._event("on_log", logs=entry)
 
     # --------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -726,6 +767,12 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         )
         if dataset is None:
             raise ValueError("No eval dataset: pass one to the trainer or to evaluate().")
+        metrics = self._measure(dataset)
+        self._event("on_evaluate", metrics=metrics)
+        return metrics
+
+    def _measure(self, dataset: torch.utils.data.Dataset) -> dict[str, float]:
+        """The `eval_*` metrics of `dataset`, averaged over its rows, noise draws and processes."""
         self.denoiser.eval()
         totals: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}  # rows per metric, NaNs (unmeasurable in a batch) left out

@@ -145,14 +145,17 @@ class CheckpointingMixin:
         tmp = checkpoints.temporary_path(out, step)
         self._write_training_state(tmp)
         self.accelerator.wait_for_everyone()  # every process's random states are on disk before the rename
+        best = self.state.best_global_step
+        if best is not None and (best == step or checkpoints.checkpoint_path(out, best).is_dir()):
+            self.state.best_model_checkpoint = str(checkpoints.checkpoint_path(out, best))
+        self._export_callback_states()
         if self.accelerator.is_main_process:
             self.state.save(tmp)
             checkpoints.write_run(tmp, self._run_record())
             checkpoints.commit(out, step)
-            checkpoints.rotate(out, self.args.save_total_limit, self._fingerprint)
+            checkpoints.rotate(out, self.args.save_total_limit, self._fingerprint, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
-        for callback in self.callbacks:
-            callback.on_save(self, str(checkpoints.checkpoint_path(out, step)))
+        self._event("on_save")
 
     def _write_training_state(self, folder: Path) -> None:
         """Each process's random states; weights, optimizer, schedule and loss scale from the main process only."""
@@ -198,6 +201,7 @@ class CheckpointingMixin:
             self.accelerator.scaler.load_state_dict(scaler)
         train_state.set_rng_state(rng)
         self.state = state
+        self._restore_callback_states()
         self.state.max_steps = self._total_steps()
         self._apply_settings(folder, record["settings"] if record else {})
 
@@ -205,6 +209,8 @@ class CheckpointingMixin:
         """Make this run's learning rate, weight decay, betas and epsilon rule the restored optimizer and schedule
         (which carry the checkpoint's), and record the change in `run.json`'s `resumes`."""
         args = self.args
+        if self._custom_optimizer:  # `optimizers=(...)`: the caller's optimizer and schedule hold their own settings
+            return
         changed = checkpoints.differences(saved, self._run_record()["settings"])
         for group in self.optimizer.param_groups:
             group["initial_lr"] = args.learning_rate

@@ -26,8 +26,8 @@ class Interrupted(Exception):
 class StopAtTwo(TrainerCallback):
     """Interrupts every process after optimizer step 2 (its checkpoint is written by then)."""
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == 2:
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == 2:  # step 3 begins
             raise Interrupted
 
 

@@ -33,7 +33,8 @@ def poisoned(*args):
 
 
 trainer.compute_loss = poisoned
-state = trainer.train()
+trainer.train()
+state = trainer.state
 report = {
     "nonfinite_steps": state.nonfinite_steps,
     "optimizer_steps": sorted({int(s["step"]) for s in trainer.optimizer.state.values()}),
