@@ -112,8 +112,10 @@ def plain(value: torch.Tensor) -> torch.Tensor:
 
 
 def local(param: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a parameter (the parameter itself when unsharded)."""
-    return param.to_local() if isinstance(param, DTensor) else param
+    """This process's shard of a parameter (FSDP2's DTensor, ZeRO-3's `ds_tensor`; the parameter when unsharded)."""
+    if isinstance(param, DTensor):
+        return param.to_local()
+    return getattr(param, "ds_tensor", param)
 
 
 class GatheredView:
@@ -153,9 +155,13 @@ def _is_sharded(cls: type) -> bool:
     return issubclass(cls, FSDPModule)
 
 
-def gathered(accelerator: Accelerator, module: nn.Module, *, gather: bool = True) -> nn.Module:
-    """The module as full weights: itself when unsharded, else a `GatheredView` over the gathered weights (a
-    collective; the main process gets them) or, without `gather`, over its shards (to load into)."""
+def gathered(accelerator: Accelerator, model: nn.Module, *, gather: bool = True) -> nn.Module:
+    """The model (prepared or not) as full weights: the unwrapped module when unsharded, else a `GatheredView` over
+    the gathered weights (a collective; the main process gets them) or, without `gather`, over its shards (to load
+    into). ZeRO-3 gathers through the DeepSpeed engine (`model` must be the prepared one; 16-bit weights)."""
+    module = accelerator.unwrap_model(model)
+    if zero_stage(accelerator) == 3 and gather:
+        return GatheredView(module, accelerator.get_state_dict(model))  # type: ignore[return-value]
     if not is_fsdp2(accelerator):
         return module
     state = get_model_state_dict(module, options=FULL) if gather else module.state_dict()
@@ -183,6 +189,6 @@ def load_optimizer_state(
 def all_finite(accelerator: Accelerator, params: list[torch.Tensor]) -> list[bool]:
     """Per parameter, whether it is finite on every process (each checks its shards; one reduction when sharded)."""
     finite = torch.stack([local(param).detach().isfinite().all() for param in params])
-    if is_fsdp2(accelerator):
+    if shards_parameters(accelerator):
         finite = accelerator.reduce((~finite).float().to(accelerator.device), reduction="sum") == 0
     return finite.tolist()

@@ -36,7 +36,7 @@ class PublishingMixin:
         """
         folder = Path(output_dir or self.args.output_dir)
         self._check_finite_weights(f"the model to {folder}")
-        denoiser = distributed.gathered(self.accelerator, self._unwrapped)  # every process, when sharded
+        denoiser = distributed.gathered(self.accelerator, self.denoiser)  # every process, when sharded
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self._write_model(folder, denoiser)

@@ -42,10 +42,13 @@ def fsdp2_accelerator(**kwargs) -> Accelerator:
     """A CPU accelerator with accelerate's FSDP2 state, as a GPU launch of examples/accelerate_configs/fsdp2.yaml."""
     accelerator = Accelerator(**kwargs)
     PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP  # both states agree
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+    plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT",
     )  # fmt: skip
+    if accelerator.mixed_precision != "no":  # as accelerate's state does for an FSDP launch
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
     return accelerator
 
 
