@@ -5,11 +5,13 @@ launches asking for an engine accelerate did not start, and DeepSpeed's `auto` m
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.commands.config.config_args import load_config_from_file
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
@@ -89,3 +91,17 @@ def test_deepspeed_auto_micro_batch_is_the_trainers_batch_size(configured, expec
     distributed.set_deepspeed_micro_batch(accelerator, 3)
     assert config["train_micro_batch_size_per_gpu"] == expected
     assert distributed.zero_stage(accelerator) == 3 and distributed.shards_parameters(accelerator)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_the_gpu_script_writes_accelerate_configs_of_each_engine(engine: str, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import distributed_gpu
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(distributed_gpu.accelerate_config(engine, 2)))
+    loaded = load_config_from_file(str(path))
+    assert loaded.distributed_type.value == ("FSDP" if engine == "fsdp2" else "DEEPSPEED")
+    assert loaded.num_processes == 2 and loaded.mixed_precision == "bf16"
+    if engine == "fsdp2":
+        assert loaded.fsdp_config["fsdp_version"] == 2
