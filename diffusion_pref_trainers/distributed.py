@@ -50,33 +50,34 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP or zero_stage(accelerator) == 3
 
 
-def check_engine(accelerator: Accelerator, args: Any, *, full_reference: bool) -> None:
+def check_engine(accelerator: Accelerator, args: Any, *, full_reference: bool, streaming_eval: bool = False) -> None:
     """Refuse what the launched engine cannot do, in words naming the fix, before any model is prepared."""
     _check_engine_started(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError("FSDP version 1 is not supported: set `fsdp_version: 2` (see accelerate_configs/fsdp2.yaml).")
-    if not shards_parameters(accelerator) and zero_stage(accelerator) is None:
+    sharded, stage = shards_parameters(accelerator), zero_stage(accelerator)
+    if not sharded and stage is None:
         return
-    engine = "DeepSpeed ZeRO" if zero_stage(accelerator) is not None else "FSDP2"
-    if full_reference and shards_parameters(accelerator):
+    engine = "DeepSpeed ZeRO" if stage is not None else "FSDP2"
+    if full_reference and sharded:
         raise ValueError(
             f"Full fine-tuning with a reference model under {engine}: the frozen reference would be an unsharded copy "
             f"of the whole denoiser on every GPU, which sharding is meant to avoid. Instead {ALTERNATIVES}."
         )
     refused = {
-        "train_text_encoder": args.train_text_encoder,
-        "validation_prompts": bool(args.validation_prompts) and shards_parameters(accelerator),
-        "hub_strategy='every_save'": args.push_to_hub and args.hub_strategy == "every_save",
+        "train_text_encoder": args.train_text_encoder,  # the text encoders are not sharded nor in DeepSpeed's engine
+        "checkpoints under DeepSpeed (set save_strategy='no')": stage is not None and args.save_strategy != "no",
+        # with sharded weights every forward is a collective: a process-only forward would wait forever
+        "validation_prompts": sharded and bool(args.validation_prompts),
+        "hub_strategy='every_save'": sharded and args.push_to_hub and args.hub_strategy == "every_save",
+        "a streaming eval set (processes may get different numbers of batches)": sharded and streaming_eval,
     }
-    if zero_stage(accelerator) is not None:  # DeepSpeed's optimizer state is partitioned its own way
-        refused["checkpoints (save_strategy)"] = args.save_strategy != "no"
     names = [name for name, on in refused.items() if on]
     if names:
         raise ValueError(
-            f"{', '.join(names)} cannot run under {engine} yet (the text encoders are not sharded; validation images "
-            "and background pushes run on the main process alone, which would wait forever on the other processes' "
-            "shards; DeepSpeed checkpoints are not written as safetensors). Turn them off, or train on DDP; render "
-            "samples from the saved model afterwards."
+            f"{'; '.join(names)}: not supported under {engine} yet. Validation images and background pushes run on "
+            "the main process alone; render samples from the saved model afterwards, push at the end, evaluate on "
+            "a map-style dataset, or train on DDP (see docs/distributed.md)."
         )
 
 

@@ -5,6 +5,7 @@ launches asking for an engine accelerate did not start, and DeepSpeed's `auto` m
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,3 +106,44 @@ def test_the_gpu_script_writes_accelerate_configs_of_each_engine(engine: str, tm
     assert loaded.num_processes == 2 and loaded.mixed_precision == "bf16"
     if engine == "fsdp2":
         assert loaded.fsdp_config["fsdp_version"] == 2
+
+
+def _engine(kind: str) -> SimpleNamespace:
+    """An accelerator stand-in launched as `kind` (what `check_engine` reads of it)."""
+    types = {"fsdp2": "FSDP", "fsdp1": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "ddp": "MULTI_GPU"}
+    deepspeed = {"zero_optimization": {"stage": {"zero2": 2, "zero3": 3}.get(kind, 0)}}
+    return SimpleNamespace(
+        distributed_type=distributed.DistributedType[types[kind]], is_fsdp2=kind == "fsdp2",
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=deepspeed)),
+    )  # fmt: skip
+
+
+SETTINGS = {
+    "train_text_encoder": False, "save_strategy": "no", "validation_prompts": [], "push_to_hub": False,
+    "hub_strategy": "every_save",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "changed", "refused"),
+    [
+        ("fsdp1", {}, "FSDP version 1 is not supported"),
+        ("fsdp2", {"validation_prompts": ["a cat"]}, "validation_prompts: not supported under FSDP2"),
+        ("zero3", {"validation_prompts": ["a cat"]}, "validation_prompts: not supported under DeepSpeed"),
+        ("fsdp2", {"train_text_encoder": True}, "train_text_encoder"),
+        ("fsdp2", {"push_to_hub": True}, "hub_strategy='every_save'"),
+        ("zero2", {"save_strategy": "steps"}, "checkpoints under DeepSpeed"),
+        ("fsdp2", {"streaming_eval": True}, "a streaming eval set"),
+        ("zero3", {"full_reference": True}, "Full fine-tuning with a reference model under DeepSpeed ZeRO"),
+    ],
+)
+def test_what_an_engine_cannot_do_is_refused_by_name(kind: str, changed: dict, refused: str) -> None:
+    flags = {key: changed.pop(key, False) for key in ("full_reference", "streaming_eval")}
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        distributed.check_engine(_engine(kind), SimpleNamespace(**{**SETTINGS, **changed}), **flags)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "zero2", "fsdp2"])
+def test_what_an_engine_can_do_passes(kind: str) -> None:
+    settings = {**SETTINGS, "validation_prompts": ["a cat"] if kind != "fsdp2" else [], "push_to_hub": kind == "zero2"}
+    distributed.check_engine(_engine(kind), SimpleNamespace(**settings), full_reference=kind != "fsdp2")

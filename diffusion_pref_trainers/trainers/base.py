@@ -124,7 +124,10 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin):
         check_scheduler_kwargs(self.args)
 
         full_reference = self.needs_reference and not (self.args.use_lora or peft_config is not None)
-        distributed.check_engine(self.accelerator, self.args, full_reference=full_reference)
+        streaming_eval = isinstance(self.eval_dataset, StreamingPreferenceDataset)
+        distributed.check_engine(
+            self.accelerator, self.args, full_reference=full_reference, streaming_eval=streaming_eval
+        )
         self._setup_model(peft_config)
         self._identify_run()
         idle = offload.modules_to_offload(self.family, self.args, trained_text_encoders=bool(self.text_encoders))
