@@ -147,13 +147,16 @@ class GatheredView:
         return getattr(self._module, name)
 
 
+def model_class(module: nn.Module) -> type:
+    """The module's model class: for one `fully_shard` turned into `FSDP<Class>`, that `<Class>`."""
+    return _unsharded_class(type(module))
+
+
 def _unsharded_class(cls: type) -> type:
-    """The model class `fully_shard` derived `FSDP<Class>` from."""
-    return next(base for base in cls.__mro__[1:] if not base.__name__.startswith("FSDP")) if _is_sharded(cls) else cls
-
-
-def _is_sharded(cls: type) -> bool:
-    return issubclass(cls, FSDPModule)
+    """The model class `fully_shard` derived `FSDP<Class>` from (`cls` itself when not sharded)."""
+    if not issubclass(cls, FSDPModule):
+        return cls
+    return next(base for base in cls.__mro__[1:] if not base.__name__.startswith("FSDP"))
 
 
 def gathered(accelerator: Accelerator, model: nn.Module, *, gather: bool = True) -> nn.Module:

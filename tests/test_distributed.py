@@ -57,9 +57,11 @@ def test_fsdp2_resumes_exactly_and_saves_one_full_model(runs, kind: str, weights
     model_file = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
     expected = CHECKPOINT_FILES | {model_file} | ({"pytorch_lora_weights.safetensors"} if kind == "lora" else set())
     assert {path.name for path in checkpoint.iterdir()} == expected  # full tensors, no per-rank shards
-    if kind == "full":  # a diffusers UNet that loads as one, not FSDP's wrapper class
+    if kind == "full":  # a diffusers UNet that loads as one; neither its config nor the card names FSDP's class
         unet = UNet2DConditionModel.from_pretrained(str(resumed_dir / "unet"))
         assert sum(p.numel() for p in unet.parameters()) == sum(v.numel() for v in resumed.values())
+        card = (resumed_dir / "README.md").read_text()
+        assert "UNet2DConditionModel" in card and "FSDP" not in card
 
 
 def test_lora_adapters_off_on_a_sharded_denoiser_give_the_base_model(runs) -> None:

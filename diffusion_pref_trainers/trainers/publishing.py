@@ -76,7 +76,8 @@ class PublishingMixin:
         last: dict[str, float] = {}
         for entry in self.state.log_history:
             last.update({k: v for k, v in entry.items() if isinstance(v, float) and k not in ("epoch",)})
-        full = None if self.peft_config is not None else (self.family.denoiser_attr, type(self._unwrapped).__name__)
+        model_class = distributed.model_class(self._unwrapped).__name__  # not FSDP2's `FSDP<Class>`
+        full = None if self.peft_config is not None else (self.family.denoiser_attr, model_class)
         samples = folder is not None and Path(folder, hub.SAMPLES_FILE).is_file()
         base_model = str(self.pipe.config.get("_name_or_path") or "unknown")
         return hub.build_model_card(
