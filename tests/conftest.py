@@ -84,7 +84,7 @@ def make_config(tmp_path: Path) -> Callable[..., DiffusionDPOConfig]:
     return build
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def launch_two_processes() -> Callable[..., None]:
     """Runs a script of tests/scripts/ on two CPU processes (accelerate launch) with this checkout's package."""
 

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.trainer_utils import TrainOutput
 
-from diffusion_pref_trainers import adapters, cache, hub, offload, speed, tracking
+from diffusion_pref_trainers import adapters, cache, distributed, hub, offload, speed, tracking
 from diffusion_pref_trainers.configs import BNB_OPTIMIZERS, DiffusionTrainingConfig
 from diffusion_pref_trainers.data import (
     DECODE_ERRORS,
@@ -114,6 +114,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
             project_dir=self.args.output_dir,
         )
         self._check_device()
+        distributed.set_deepspeed_micro_batch(self.accelerator, self.args.per_device_train_batch_size)
         set_seed(self.args.seed)
         self._loaders = Loaders(self.args, self.accelerator)
         self.weight_dtype = WEIGHT_DTYPES[self.args.mixed_precision]
@@ -131,6 +132,11 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
         self._check_eval_schedule()
         check_scheduler_kwargs(self.args)
 
+        full_reference = self.needs_reference and not (self.args.use_lora or peft_config is not None)
+        streaming_eval = isinstance(self.eval_dataset, StreamingPreferenceDataset)
+        distributed.check_engine(
+            self.accelerator, self.args, full_reference=full_reference, streaming_eval=streaming_eval
+        )
         self._setup_model(peft_config)
         self._identify_run()
         idle = offload.modules_to_offload(self.family, self.args, trained_text_encoders=bool(self.text_encoders))
@@ -138,6 +144,9 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
         self.train_dataset, self.eval_dataset = self._cached(self.train_dataset), self._cached(self.eval_dataset)
         optimizer = optimizer if optimizer is not None else build_optimizer(self.args, self.trainable_parameters)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.family.denoiser, optimizer)
+        if distributed.is_fsdp2(self.accelerator):  # fully_shard replaced the parameters with sharded ones
+            denoiser_params = [p for p in self.denoiser.parameters() if p.requires_grad]
+            self.trainable_parameters = denoiser_params + self.text_encoder_parameters
         self._counts_pending = dict.fromkeys(DATA_COUNTS, 0)
         self._step_metrics: dict[str, list[torch.Tensor]] = {}  # the micro-batches of the optimizer step under way
         self._hub_repo_id: str | None = None
@@ -671,9 +680,10 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
     def _clip_gradients(self) -> torch.Tensor:
         """Clip to `max_grad_norm` (if set) and return the pre-clipping global norm, as a tensor."""
         if self.args.max_grad_norm > 0:
-            return torch.as_tensor(self.accelerator.clip_grad_norm_(self.trainable_parameters, self.args.max_grad_norm))
+            norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, self.args.max_grad_norm)
+            return torch.as_tensor(distributed.plain(norm))
         grads = [p.grad.detach().float().norm() for p in self.trainable_parameters if p.grad is not None]
-        return torch.stack(grads).norm() if grads else torch.zeros(())
+        return distributed.plain(torch.stack(grads).norm()) if grads else torch.zeros(())
 
     def _after_optimizer_step(self, pending: dict[str, list[torch.Tensor]], progress: tqdm) -> None:
         """`on_step_end`, then the logging, evaluation and checkpoint its control asks for (`StepSchedule`'s and the

@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from diffusion_pref_trainers import adapters, cache, checkpoints, train_state
+from diffusion_pref_trainers import adapters, cache, checkpoints, distributed, train_state
 from diffusion_pref_trainers.folder_lock import OutputDirLock
 from diffusion_pref_trainers.state import STATE_FILE, TrainerState
 
@@ -158,23 +158,25 @@ class CheckpointingMixin:
         self._event("on_save")
 
     def _write_training_state(self, folder: Path) -> None:
-        """Each process's random states; weights, optimizer, schedule and loss scale from the main process only."""
+        """Each process's random states; weights, optimizer, schedule and loss scale from the main process only (their
+        full tensors, gathered by every process first when the model is sharded)."""
         accelerator = self.accelerator
         if accelerator.is_main_process:
             checkpoints.clear_temporary(folder)
         accelerator.wait_for_everyone()
         folder.mkdir(parents=True, exist_ok=True)
         train_state.save(train_state.rng_state(), folder, RANDOM_STATES.format(accelerator.process_index))
+        modules = {name: distributed.gathered(accelerator, mod) for name, mod in self._checkpointed_modules().items()}
+        optimizer = distributed.optimizer_state(accelerator, self.denoiser, self.optimizer)
         if not accelerator.is_main_process:
             return
         save = save_model if self.peft_config is None else adapters.save_adapter_state
-        for name, module in self._checkpointed_modules().items():
+        for name, module in modules.items():
             save(module, str(folder / name))
         if self.peft_config is not None:  # also as `save_model` writes it: `pipe.load_lora_weights(checkpoint)`
-            self.family.save_lora_weights(
-                str(folder), {self.family.denoiser_attr: self._unwrapped, **self.text_encoders}
-            )
-        train_state.save(self.optimizer.state_dict(), folder, OPTIMIZER)
+            denoiser = modules[adapters.ADAPTER_FILE]
+            self.family.save_lora_weights(str(folder), {self.family.denoiser_attr: denoiser, **self.text_encoders})
+        train_state.save(optimizer, folder, OPTIMIZER)
         (folder / SCHEDULER_FILE).write_text(json.dumps(self.lr_scheduler.state_dict()))
         if accelerator.scaler is not None:
             (folder / SCALER_FILE).write_text(json.dumps(accelerator.scaler.state_dict()))
@@ -191,10 +193,14 @@ class CheckpointingMixin:
         rng = _read(folder, f"{rng_name}.safetensors/.json", lambda: train_state.load(folder, rng_name))
         state = _read(folder, STATE_FILE, lambda: TrainerState.load(folder))
         record = _read(folder, checkpoints.RUN_FILE, lambda: checkpoints.read_run(folder))
-        load = load_model if self.peft_config is None else adapters.load_adapter_state
+        load = _load_weights if self.peft_config is None else adapters.load_adapter_state
         for name, module in self._checkpointed_modules().items():
-            _read(folder, name, lambda module=module, name=name: load(module, str(folder / name)))
-        _read(folder, f"{OPTIMIZER}.safetensors/.json", lambda: self.optimizer.load_state_dict(optimizer))
+            target = distributed.gathered(self.accelerator, module, gather=False)
+            _read(folder, name, lambda target=target, name=name: load(target, str(folder / name)))
+        _read(
+            folder, f"{OPTIMIZER}.safetensors/.json",
+            lambda: distributed.load_optimizer_state(self.accelerator, self.denoiser, self.optimizer, optimizer),
+        )  # fmt: skip
         self.lr_scheduler.load_state_dict(schedule)
         if self.accelerator.scaler is not None:
             scaler = _read(folder, SCALER_FILE, lambda: json.loads((folder / SCALER_FILE).read_text()))
@@ -231,7 +237,8 @@ class CheckpointingMixin:
     def _check_finite_weights(self, what: str) -> None:
         """Refuse to write `what` when a trained weight holds NaN or infinity, naming the first such parameter.
 
-        Every process checks (their weights are the same), so all raise together before anything is written.
+        Every process checks (their weights are the same, or under FSDP2 its shards, the flags then reduced), so all
+        raise together before anything is written.
         """
         named = [
             (f"{attr}.{name}", param)
@@ -239,7 +246,7 @@ class CheckpointingMixin:
             for name, param in module.named_parameters()
             if param.requires_grad
         ]
-        finite = torch.stack([param.detach().isfinite().all() for _, param in named]).tolist()  # one host read
+        finite = distributed.all_finite(self.accelerator, [param for _, param in named])  # one host read
         if not all(finite):
             name = named[finite.index(False)][0]
             raise RuntimeError(
@@ -254,6 +261,15 @@ class CheckpointingMixin:
             return {MODEL_FILE: self._unwrapped}
         encoders = {f"{name}_{adapters.ADAPTER_FILE}": encoder for name, encoder in self.text_encoders.items()}
         return {adapters.ADAPTER_FILE: self._unwrapped, **encoders}
+
+
+def _load_weights(module: nn.Module, path: str) -> None:
+    """A fully fine-tuned denoiser's weights from its checkpoint file; under FSDP2 (a `GatheredView`) every process
+    reads the whole file and keeps its shards."""
+    if isinstance(module, distributed.GatheredView):
+        module.load_state_dict(load_file(path))
+    else:
+        load_model(module, path)
 
 
 def _read(folder: Path, name: str, reader: Callable[[], T]) -> T:

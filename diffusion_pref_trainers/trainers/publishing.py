@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusion_pref_trainers import adapters, checkpoints, hub, tracking
+from diffusion_pref_trainers import adapters, checkpoints, distributed, hub, tracking
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,25 +36,28 @@ class PublishingMixin:
         """
         folder = Path(output_dir or self.args.output_dir)
         self._check_finite_weights(f"the model to {folder}")
+        denoiser = distributed.gathered(self.accelerator, self.denoiser)  # every process, when sharded
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self._write_model(folder)
+            self._write_model(folder, denoiser)
         self.accelerator.wait_for_everyone()
         return str(folder)
 
-    def _write_model(self, folder: Path) -> None:
+    def _write_model(self, folder: Path, denoiser: Any = None) -> None:
         """Weights, `training_config.json` (no token) and the local model card into `folder`; main process only.
 
+        `denoiser` is the denoiser's full weights (`distributed.gathered`), by default the unsharded denoiser itself.
         All are written into `folder/tmp-model/` first (a leftover of a crashed save is cleared), then moved in.
         """
+        denoiser = self._unwrapped if denoiser is None else denoiser
         staging = folder / STAGING
         checkpoints.clear_temporary(staging)
         staging.mkdir(parents=True)
         if self.peft_config is not None:
-            modules = {self.family.denoiser_attr: self._unwrapped, **self.text_encoders}
+            modules = {self.family.denoiser_attr: denoiser, **self.text_encoders}
             self.family.save_lora_weights(str(staging), modules)
         else:
-            self._unwrapped.save_pretrained(str(staging / self.family.denoiser_attr), safe_serialization=True)
+            denoiser.save_pretrained(str(staging / self.family.denoiser_attr), safe_serialization=True)
         (staging / "training_config.json").write_text(json.dumps(loggable_config(self.args.to_dict()), indent=2))
         checkpoints.write_run(staging, self._run_record())  # whose weights these are, and any resumes' changes
         card = self.model_card(folder.name, folder=folder)  # the sample grid, if any, lies in `folder`
@@ -73,7 +76,8 @@ class PublishingMixin:
         last: dict[str, float] = {}
         for entry in self.state.log_history:
             last.update({k: v for k, v in entry.items() if isinstance(v, float) and k not in ("epoch",)})
-        full = None if self.peft_config is not None else (self.family.denoiser_attr, type(self._unwrapped).__name__)
+        model_class = distributed.model_class(self._unwrapped).__name__  # not FSDP2's `FSDP<Class>`
+        full = None if self.peft_config is not None else (self.family.denoiser_attr, model_class)
         samples = folder is not None and Path(folder, hub.SAMPLES_FILE).is_file()
         base_model = str(self.pipe.config.get("_name_or_path") or "unknown")
         return hub.build_model_card(
