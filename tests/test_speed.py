@@ -22,8 +22,9 @@ LOGGED = ("loss", "model_loss/chosen", "model_loss/rejected", "grad_norm")
 
 def _train(pairs, make_config, **switches) -> tuple[list[dict], torch.Tensor, DiffusionDPOTrainer]:
     """Two logged DPO steps on the tiny pipeline; returns the logs, the adapter update (all weights, flattened:
-    trained minus initial) and the trainer."""
-    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), make_config(**switches), pairs)
+    trained minus initial) and the trainer. Each run replaces the previous one's output (same folder)."""
+    config = make_config(**switches, overwrite_output_dir=True)
+    trainer = DiffusionDPOTrainer(tiny_sd_pipeline(), config, pairs)
     before = _adapter_weights(trainer)
     trainer.train()
     logs = trainer.state.log_history

@@ -54,6 +54,11 @@ class ModelFamily(ABC):
         """The square size the pipeline generates at by default: its sample size (the pipeline's
         `default_sample_size` where it has one, else the denoiser's `sample_size`) times the VAE factor."""
         size = getattr(self.pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        if size is None:
+            raise ValueError(
+                f"The {type(self.denoiser).__name__} config states no `sample_size`, so the pipeline has no size of "
+                "its own: set `resolution`."
+            )
         return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
 
     def frozen_modules(self) -> list[nn.Module]:

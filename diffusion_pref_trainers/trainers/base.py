@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -184,13 +184,14 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
                 self.args.optim, self.args.optim,
             )  # fmt: skip
 
-    def family_defaults(self) -> dict[str, Any]:
-        """The model family's value of each config field that None leaves to it (subclasses add their own)."""
-        return {"resolution": self.family.default_resolution}  # the pipeline's own size
+    def family_defaults(self) -> dict[str, Callable[[], Any]]:
+        """How the model family gives each config field that None leaves to it (subclasses add their own); read only
+        for the fields left as None."""
+        return {"resolution": lambda: self.family.default_resolution}  # the pipeline's own size
 
     def _apply_family_defaults(self) -> None:
         """Fill the fields left as None with the family's values on a copy, so the caller's config stays as given."""
-        unset = {name: value for name, value in self.family_defaults().items() if getattr(self.args, name) is None}
+        unset = {name: value() for name, value in self.family_defaults().items() if getattr(self.args, name) is None}
         if unset:
             self.args = dataclasses.replace(self.args, **unset)
             for name, value in unset.items():

@@ -6,6 +6,7 @@ Two switches turn it into related methods: `swap_preferences` trains Diffusion-N
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +26,9 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
     method = "diffusion-dpo"
     _safeguard_scale: torch.Tensor | None = None
 
-    def family_defaults(self) -> dict[str, Any]:
+    def family_defaults(self) -> dict[str, Callable[[], Any]]:
         """`beta` too: its useful size depends on the family's errors (docs/model_families.md)."""
-        return {**super().family_defaults(), "beta": self.family.default_beta}
+        return {**super().family_defaults(), "beta": lambda: self.family.default_beta}
 
     def swaps_preferences(self) -> bool:
         """Diffusion-NPO's negative adapter trains on swapped pairs."""

@@ -60,8 +60,12 @@ class StopAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.state.global_step == self.step:
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step:  # the step, and its checkpoint, are done
+            raise Stop
+
+    def on_log(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step == state.max_steps:  # no step begins after the last: stop once it is logged
             raise Stop
 
 
