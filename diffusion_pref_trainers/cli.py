@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None, default_recipe: str | None = None) -> No
             print(
                 f"Task {summary['task']!r}: held-out reward {summary['reward/base']:.3f} (base) -> "
                 f"{summary['reward/aligned']:.3f} (aligned), win rate {summary['win_rate']:.2f}, prompt fidelity "
-                f"{summary['fidelity/base']:.2f} -> {summary['fidelity/aligned']:.2f}. Grid: {summary['grid']}"
+                f"{summary['fidelity/base']:.2f} -> {summary['fidelity/aligned']:.2f}, validity "
+                f"{summary['validity/base']:.2f} -> {summary['validity/aligned']:.2f}, distance to the world "
+                f"{summary['distance/base']:.3f} -> {summary['distance/aligned']:.3f}. Grid: {summary['grid']}"
             )
         print(f"Saved adapter: {summary['adapter']}  (load with pipe.load_lora_weights(path))")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +161,12 @@ def test_the_link_check_catches_a_missing_file_and_a_missing_heading(tmp_path: P
         "```\n[in code](ignored.md)\n```\n"
     )
     assert [line.split(" (")[0] for line in _broken_links(page)] == ["page.md: missing.md", "page.md: other.md#nope"]
+
+
+def test_the_readme_states_the_stored_command_times() -> None:
+    # The README's times are those of the stored run of benchmarks/readme_times.py, not figures typed by hand.
+    runs = json.loads((ROOT / "benchmarks" / "results" / "readme_times_cpu.json").read_text())["runs"]
+    readme = (ROOT / "README.md").read_text()
+    for run in runs.values():
+        assert run["returncode"] == 0
+        assert f"({round(run['seconds'])} s" in readme or f"; {round(run['seconds'])} s" in readme, run
