@@ -26,7 +26,8 @@ from typing import Any, NamedTuple, NoReturn
 import yaml
 from trl import TrlParser
 
-from diffusion_pref_trainers.configs import METHOD_CONFIGS, _help, field_types, split_optional
+from diffusion_pref_trainers.config_fields import field_types, split_optional, with_help
+from diffusion_pref_trainers.configs import METHOD_CONFIGS
 
 USAGE = "%(prog)s [--config RECIPE.yaml] [--method METHOD] [--FIELD VALUE ...]"
 
@@ -40,23 +41,23 @@ class ScriptArguments:
     place), and its `ignore_bias_buffers` (a language-model DDP workaround) would be accepted and ignored.
     """
 
-    method: str = _help(f"The objective to train with: one of {', '.join(sorted(METHOD_CONFIGS))}.", "dpo")
-    model_name_or_path: str | None = _help(
+    method: str = with_help(f"The objective to train with: one of {', '.join(sorted(METHOD_CONFIGS))}.", "dpo")
+    model_name_or_path: str | None = with_help(
         "A diffusers pipeline: Hub id or local folder. None: the built-in tiny pipeline (offline).", None
     )
-    dataset_name: str | None = _help(
+    dataset_name: str | None = with_help(
         "A preference dataset: Hub id, `save_to_disk` folder, parquet file/folder or imagefolder, read with the "
         "config's `dataset_config`, `dataset_train_split`, `dataset_test_split` and `dataset_streaming`. None: "
         "generated pairs of the built-in kit.",
         None,
     )
-    builtin_pairs: int = _help("Built-in kit only: how many generated training pairs (eval uses 8 others).", 16)
-    toy_task: str | None = _help(
+    builtin_pairs: int = with_help("Built-in kit only: how many generated training pairs (eval uses 8 others).", 16)
+    toy_task: str | None = with_help(
         "Toy world (no model and no dataset given): align the shipped toy pipeline to this task (warm, large, "
         "striped, centred). None: the built-in kit.",
         None,
     )
-    toy_prompts: int = _help("Toy world only: how many training prompts to sample the base pipeline for.", 48)
+    toy_prompts: int = with_help("Toy world only: how many training prompts to sample the base pipeline for.", 48)
 
 
 class CommandLine(NamedTuple):

@@ -17,7 +17,8 @@ import trl
 
 from diffusion_pref_trainers import DiffusionDPOConfig, DiffusionRPOConfig
 from diffusion_pref_trainers.cli import ScriptArguments, main, parse_command_line
-from diffusion_pref_trainers.configs import METHOD_CONFIGS, field_types
+from diffusion_pref_trainers.config_fields import field_types
+from diffusion_pref_trainers.configs import METHOD_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
