@@ -170,3 +170,13 @@ def test_the_readme_states_the_stored_command_times() -> None:
     for run in runs.values():
         assert run["returncode"] == 0
         assert f"({round(run['seconds'])} s" in readme or f"; {round(run['seconds'])} s" in readme, run
+
+
+def test_the_readme_states_the_stored_suite_time_and_default_example_figures() -> None:
+    readme = (ROOT / "README.md").read_text()
+    suite = json.loads((ROOT / "benchmarks" / "results" / "test_suite_time_cpu.json").read_text())
+    assert f"{round(suite['pytest_seconds'])} s of pytest" in readme
+    summary = json.loads((ROOT / "benchmarks" / "results" / "default_example_cpu.json").read_text())["summary"]
+    for name, digits in (("reward", 3), ("validity", 3), ("distance", 3)):
+        before, after = summary[f"{name}/base"], summary[f"{name}/aligned"]
+        assert f"{before:.{digits}f} -> {after:.{digits}f}" in readme, name
