@@ -53,6 +53,7 @@ def test_a_stale_run_in_the_folder_is_never_resumed_rotated_or_mixed_in(pairs, m
     with pytest.raises(Interrupted):
         DiffusionDPOTrainer(tiny_sd_pipeline(), new_args, pairs, callbacks=[InterruptAt(1)]).train()
     assert _names(out) == ["checkpoint-1"]
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and not (out / "README.md").exists()  # old model
 
     # The old run's checkpoint is back, at a later step: 'latest' resumes this run's, rotation keeps the foreign one.
     shutil.copytree(foreign, out / "checkpoint-40")

@@ -194,6 +194,7 @@ class DiffusionPreferenceTrainer(CheckpointingMixin, PublishingMixin, CallbacksM
         unset = {name: value() for name, value in self.family_defaults().items() if getattr(self.args, name) is None}
         if unset:
             self.args = dataclasses.replace(self.args, **unset)
+            self.family.config = self.args  # the family reads the settings in force
             for name, value in unset.items():
                 logger.info("`%s` not set: using %s, the %s family's default.", name, value, self.family.name)
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from diffusion_pref_trainers import adapters, cache, checkpoints, distributed, train_state
+from diffusion_pref_trainers import adapters, cache, checkpoints, distributed, hub, train_state
 from diffusion_pref_trainers.folder_lock import OutputDirLock
 from diffusion_pref_trainers.state import STATE_FILE, TrainerState
 
@@ -128,6 +128,9 @@ class CheckpointingMixin:
                 "checkpoints and weights with them. Resume with resume_from_checkpoint='latest' if it is this "
                 "run, choose another output_dir, or set overwrite_output_dir=True to delete its checkpoints."
             )
+        # The earlier run's model too: a LoRA file left beside this run's full fine-tune would load as its result.
+        model_files = (hub.LORA_FILE, self.family.denoiser_attr, Path(hub.SAMPLES_FILE).parts[0], "README.md")
+        found += [out / name for name in model_files if (out / name).exists()]
         self.accelerator.wait_for_everyone()  # every process has looked before the main one deletes
         if self.accelerator.is_main_process:
             logger.warning("overwrite_output_dir: deleting the previous run's %s in %s", names, out)
